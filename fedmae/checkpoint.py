@@ -1,0 +1,98 @@
+"""Self-describing checkpoints, written atomically and read without unpickling objects.
+
+A checkpoint is a dict of tensors and plain values: the weights, the resolved experiment config,
+the package versions that wrote it, and where training stood (epoch, step, optimiser state). It is
+written to a temporary file in the same folder and renamed over the target, so a crash never leaves
+a half-written checkpoint under the real name. Loading uses ``torch.load(weights_only=True)``,
+which refuses arbitrary pickled objects.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import tempfile
+from collections.abc import Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+FORMAT = "fedmae-checkpoint"
+FORMAT_VERSION = 1
+Kind = Literal["mae", "finetune"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used; the message names the file and the problem."""
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in ("fedmae", "torch", "timm", "monai", "numpy", "flwr"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def save_checkpoint(
+    path: str | Path,
+    *,
+    kind: Kind,
+    model_state: Mapping[str, torch.Tensor],
+    config: Mapping[str, Any],
+    epoch: int,
+    step: int,
+    optimizer_state: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a checkpoint atomically (temp file + fsync + rename) and return its path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "kind": kind,
+        "model": {k: v.detach().cpu() for k, v in model_state.items()},
+        "config": dict(config),
+        "epoch": int(epoch),
+        "step": int(step),
+        "optimizer": optimizer_state,
+        "metrics": dict(metrics or {}),
+        "extra": dict(extra or {}),
+        "versions": package_versions(),
+    }
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | Path, expect_kind: Kind | None = None) -> dict[str, Any]:
+    """Read a fedmae checkpoint onto the CPU; raises CheckpointError with a one-line reason."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated file, foreign pickle with objects, not a torch file
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: not a readable fedmae checkpoint ({reason[:200]})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a fedmae checkpoint (no '{FORMAT}' header)")
+    if payload.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format version {payload.get('format_version')} is not supported")
+    if expect_kind is not None and payload["kind"] != expect_kind:
+        raise CheckpointError(f"{path}: expected a {expect_kind} checkpoint, this one is {payload['kind']}")
+    return payload

@@ -1,0 +1,169 @@
+"""The ``fedmae`` command: pretrain, finetune, evaluate, demo.
+
+Every command reads one YAML experiment file (``--config``) with ``--set key.sub=value``
+overrides. Mistakes the user can fix (config, files, checkpoints) end with one line on stderr and
+exit status 2; nothing is written before the config has been validated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from fedmae.checkpoint import CheckpointError, load_checkpoint
+from fedmae.config import ConfigError, ExperimentConfig, load_config
+
+log = logging.getLogger("fedmae")
+REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+DEMO_CONFIG = REPO_CONFIGS / "demo.yaml"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        cfg = load_config(args.config, args.set)
+        return args.run(cfg, args)
+    except (ConfigError, CheckpointError, FileExistsError, ValueError) as err:
+        # ValueError covers weight mismatches and bad data that the user must fix, not a crash.
+        print(f"fedmae: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fedmae: interrupted; rerun the same command with --resume to continue", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedmae", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, run, help: str, config_required: bool = True) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help)
+        sub.add_argument("--config", required=config_required, default=None if config_required else DEMO_CONFIG,
+                         type=Path, help="YAML experiment file" + ("" if config_required else " (default: configs/demo.yaml)"))
+        sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a config value, e.g. --set pretrain.epochs=10 (repeatable)")
+        sub.add_argument("--output", type=Path, help="output folder (default: runs/<name>/<command>)")
+        sub.set_defaults(run=run)
+        return sub
+
+    sub = command("pretrain", _pretrain, "MAE self pre-training on the training images (no labels)")
+    sub.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
+    sub = command("finetune", _finetune, "fine-tune an encoder for the configured task and report test metrics")
+    sub.add_argument("--encoder", type=Path, help="pre-training checkpoint whose encoder to start from (default: random init)")
+    sub.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
+    sub = command("evaluate", _evaluate, "evaluate a fine-tuned checkpoint on a split, pooled and per site")
+    sub.add_argument("--checkpoint", type=Path, required=True, help="fine-tuned checkpoint (checkpoint_best.pt)")
+    sub.add_argument("--split", choices=("test", "val"), default="test", help="which split to score (default: test)")
+    command("demo", _demo, "pre-train, fine-tune and evaluate on the built-in data; compare with training from scratch",
+            config_required=False)
+    return parser
+
+
+def _output(cfg: ExperimentConfig, args: argparse.Namespace, default_leaf: str) -> Path:
+    if args.output is not None:
+        return args.output
+    return Path(cfg.output_dir or Path("runs") / cfg.name) / default_leaf
+
+
+def _pretrain(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
+    from fedmae.engine.pretrain import pretrain
+
+    result = pretrain(cfg, _output(cfg, args, "pretrain"), resume=args.resume)
+    print(f"pre-training done in {result.seconds:.0f} s: val reconstruction loss {result.metrics.get('val_loss', float('nan')):.4f}")
+    print(f"encoder checkpoint: {result.checkpoint}")
+    return 0
+
+
+def _finetune(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
+    from fedmae.engine.finetune import finetune
+
+    if args.encoder is not None:
+        load_checkpoint(args.encoder)  # fail before any output is written
+    leaf = "finetune" if args.encoder else "finetune-scratch"
+    result = finetune(cfg, _output(cfg, args, leaf), encoder=args.encoder, resume=args.resume)
+    _print_report(result.metrics)
+    print(f"best checkpoint (selected on validation): {result.checkpoint}")
+    print(f"metrics: {result.output_dir / 'test_metrics.json'}, log: {result.output_dir / 'metrics.jsonl'}")
+    return 0
+
+
+def _evaluate(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
+    from fedmae.data.datasets import load_sites, task_spec
+    from fedmae.engine.finetune import evaluate_sites
+    from fedmae.engine.loop import resolve_device
+    from fedmae.models.factory import build_finetune_model
+    from fedmae.models.state import load_model_state
+
+    payload = load_checkpoint(args.checkpoint, expect_kind="finetune")
+    task = task_spec(cfg)
+    device = resolve_device(cfg.device)
+    model = build_finetune_model(cfg, task.num_outputs)
+    load_model_state(model, payload["model"], str(args.checkpoint))
+    report = evaluate_sites(model.to(device), load_sites(cfg), task, cfg, device, split=args.split)
+    out = args.output or args.checkpoint.parent
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"evaluation_{args.split}.json"
+    path.write_text(json.dumps({"checkpoint": str(args.checkpoint), **report}, indent=2))
+    _print_report(report)
+    print(f"metrics: {path}")
+    return 0
+
+
+def _demo(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
+    from fedmae.engine.finetune import finetune
+    from fedmae.engine.pretrain import pretrain
+    from fedmae.data.datasets import load_sites
+
+    root = _output(cfg, args, "").resolve()
+    sites = load_sites(cfg)
+    resume = True  # rerunning the demo continues or reuses finished stages
+    pre = pretrain(cfg, root / "pretrain", resume=resume, sites=sites)
+    arms = {
+        "MAE self pre-trained": finetune(cfg, root / "finetune", encoder=pre.checkpoint, resume=resume, sites=sites),
+        "from scratch": finetune(cfg, root / "finetune-scratch", resume=resume, sites=sites),
+    }
+    summary = {
+        "config": cfg.to_dict(),
+        "pretrain": {"checkpoint": str(pre.checkpoint), **pre.metrics},
+        "arms": {name: r.metrics for name, r in arms.items()},
+        "seconds": {"pretrain": pre.seconds, **{name: r.seconds for name, r in arms.items()}},
+    }
+    (root / "summary.json").write_text(json.dumps(summary, indent=2))
+    print()
+    print(f"built-in {cfg.spatial_dims}D data: {cfg.data.num_sites} hospitals, {cfg.task.type}, "
+          f"{cfg.finetune.label_fraction:.0%} of training labels, same fine-tune budget for both arms")
+    print(_table({name: r.metrics for name, r in arms.items()}))
+    print(f"outputs: {root} (summary.json; pretrain/, finetune/, finetune-scratch/ with checkpoints and metrics.jsonl)")
+    return 0
+
+
+def _print_report(report: dict[str, Any]) -> None:
+    print(_table({"pooled": report["pooled"], **report["sites"]}))
+
+
+def _table(rows: dict[str, dict[str, Any]]) -> str:
+    """Plain-text table: one row per entry, the main metric then each per-class score."""
+    pooled = {name: r.get("pooled", r) for name, r in rows.items()}
+    first = next(iter(pooled.values()))
+    main = first["main"]
+    kind, per_class = next(iter(first["per_class"].items()))
+    headers = ["", f"test {main}", *[f"{kind} {c}" for c in per_class]]
+    body = [
+        [name, _fmt(r[main]), *[_fmt(v) for v in r["per_class"][kind].values()]] for name, r in pooled.items()
+    ]
+    widths = [max(len(str(row[i])) for row in [headers, *body]) for i in range(len(headers))]
+    lines = ["  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)) for row in [headers, *body]]
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

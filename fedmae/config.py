@@ -1,0 +1,411 @@
+"""Experiment configuration: YAML files loaded into typed dataclasses.
+
+The dataclass defaults below are the one source of defaults. Loading is strict: an unknown key, a
+wrong type or an impossible value raises :class:`ConfigError` with one line that names the file and
+the key, before anything is written. Values that follow from others (the learning rate scaled by the
+batch size, the UNETR skip blocks for a given depth) are computed here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from fedmae.models.sizes import ModelSize, parse_model_name
+
+
+_YAML11_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user can fix; the message names the file and the key."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vit_tiny_patch16_2d"  # vit_{tiny,small,base}_patch{P}_{2d,3d}: size, patch, dimensions
+    in_channels: int = 1  # 1 for CT/X-ray, 4 for BraTS (FLAIR, T1, T1gd, T2)
+    img_size: tuple[int, ...] = (64, 64)  # network input (crop) size; each side divisible by the patch
+    embed_dim: int | None = None  # None: take it from the named size
+    depth: int | None = None
+    num_heads: int | None = None
+    decoder_dim: int | None = None  # MAE decoder; None: from the named size
+    decoder_depth: int | None = None
+    decoder_heads: int | None = None
+    mlp_ratio: float = 4.0
+    mask_ratio: float = 0.75  # fraction of patches hidden from the encoder in pre-training
+    norm_pix_loss: bool = True  # reconstruct per-patch standardised pixels (MAE's norm_pix_loss)
+    skip_blocks: tuple[int, ...] | None = None  # UNETR skips (1-based blocks); None: the paper's 4, 7, 10 of 12, scaled
+    feature_size: int = 16  # UNETR decoder width
+
+
+@dataclass
+class DataConfig:
+    source: Literal["synthetic"] = "synthetic"  # built-in multi-hospital generator (no download)
+    num_sites: int = 3  # hospitals, each with its own scanner
+    cases_per_site: int = 60
+    image_size: tuple[int, ...] | None = None  # generated image size; None: model.img_size
+    heterogeneity: float = 1.0  # how much the sites' scanners differ (0: identical)
+    val_fraction: float = 0.15  # per site; for model selection
+    test_fraction: float = 0.25  # per site; for reporting only
+    normalize: Literal["zscore", "none"] = "zscore"  # per-image, per-channel intensity standardisation
+    flip_prob: float = 0.2  # training augmentation: random flip per axis (the paper: 0.2)
+    num_workers: int = 0
+
+
+@dataclass
+class TaskConfig:
+    type: Literal["classification", "segmentation"] = "classification"
+    # Sigmoid outputs, one per finding/region (else softmax over exclusive classes). null: the
+    # usual choice for the task type: multi-label findings, exclusive organ classes.
+    multi_label: bool | None = None
+    hd95: bool = False  # segmentation: also compute the 95th-percentile Hausdorff distance (slow)
+
+
+@dataclass
+class PretrainConfig:
+    epochs: int = 100
+    warmup_epochs: int = 10
+    batch_size: int = 32
+    base_lr: float = 1.5e-4  # lr = base_lr * batch_size / 256
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    clip_grad: float | None = 3.0  # max gradient norm; null: no clipping
+
+
+@dataclass
+class FinetuneConfig:
+    epochs: int = 50
+    warmup_epochs: int = 5
+    batch_size: int = 16
+    base_lr: float = 1e-3  # lr = base_lr * batch_size / 256
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    clip_grad: float | None = 3.0
+    layer_decay: float = 0.75  # lr multiplier per block towards the input (1: no decay)
+    drop_path: float = 0.1
+    label_fraction: float = 1.0  # share of each site's labelled training cases used (label-scarce studies)
+    sw_overlap: float = 0.5  # sliding-window overlap for segmentation inference
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "experiment"
+    seed: int = 0
+    device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:N
+    output_dir: str | None = None  # None: runs/<name>
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+    # ---- derived values: computed here only ----
+    @property
+    def spatial_dims(self) -> int:
+        return parse_model_name(self.model.name)[2]
+
+    @property
+    def patch_size(self) -> int:
+        return parse_model_name(self.model.name)[1]
+
+    @property
+    def size(self) -> ModelSize:
+        """The named size with any explicit overrides from the model section applied."""
+        base = parse_model_name(self.model.name)[0]
+        overrides = {
+            f.name: getattr(self.model, f.name)
+            for f in dataclasses.fields(ModelSize)
+            if getattr(self.model, f.name, None) is not None
+        }
+        return dataclasses.replace(base, **overrides)
+
+    @property
+    def data_image_size(self) -> tuple[int, ...]:
+        return self.data.image_size or self.model.img_size
+
+    @property
+    def skip_blocks(self) -> tuple[int, ...]:
+        """UNETR skip taps: the configured ones, or the paper's (4, 7, 10 of 12) scaled to the depth."""
+        if self.model.skip_blocks is not None:
+            return self.model.skip_blocks
+        return default_skip_blocks(self.size.depth, self.patch_size)
+
+    @property
+    def multi_label(self) -> bool:
+        if self.task.multi_label is not None:
+            return self.task.multi_label
+        return self.task.type == "classification"
+
+    @property
+    def pretrain_lr(self) -> float:
+        return self.pretrain.base_lr * self.pretrain.batch_size / 256
+
+    @property
+    def finetune_lr(self) -> float:
+        return self.finetune.base_lr * self.finetune.batch_size / 256
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain (YAML/JSON-safe) dict of the resolved configuration; tuples become lists."""
+        return _plain(dataclasses.asdict(self))
+
+
+def default_skip_blocks(depth: int, patch_size: int) -> tuple[int, ...]:
+    """Blocks whose outputs feed the UNETR decoder: log2(patch) - 1 taps spread over the depth.
+
+    For patch 16 and depth 12 this is the paper's (4, 7, 10); other depths scale those fractions.
+    """
+    taps = int(math.log2(patch_size)) - 1
+    fractions = [4 / 12, 7 / 12, 10 / 12] if taps == 3 else [(i + 1) / (taps + 1) for i in range(taps)]
+    return tuple(min(depth - 1, max(1, int(f * depth + 0.5))) for f in fractions)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | Path, overrides: Iterable[str] = ()) -> ExperimentConfig:
+    """Read a YAML experiment file, apply ``key.sub=value`` overrides, type-check and validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        line = getattr(getattr(err, "problem_mark", None), "line", None)
+        where = f" (line {line + 1})" if line is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    for item in overrides:
+        _apply_override(raw, item, path)
+    cfg = _build(ExperimentConfig, raw, prefix="", source=str(path))
+    validate(cfg, source=str(path))
+    return cfg
+
+
+def config_from_dict(raw: Mapping[str, Any], source: str = "<dict>") -> ExperimentConfig:
+    """Build and validate a config from a plain dict (e.g. the one stored in a checkpoint)."""
+    cfg = _build(ExperimentConfig, dict(raw), prefix="", source=source)
+    validate(cfg, source=source)
+    return cfg
+
+
+def _apply_override(raw: dict[str, Any], item: str, path: Path) -> None:
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected key.sub=value")
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {part} is not a section")
+    try:
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        raise ConfigError(f"--set {key}: cannot parse value {value!r}") from None
+
+
+def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'top level'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            raise ConfigError(
+                f"{source}: unknown key '{prefix}{key}' (valid keys here: {', '.join(sorted(names))})"
+            )
+    values = {}
+    for key, value in raw.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            values[key] = _build(hint, value if value is not None else {}, f"{prefix}{key}.", source)
+        else:
+            values[key] = _coerce(value, hint, f"{prefix}{key}", source)
+    return cls(**values)
+
+
+def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
+    """Check ``value`` against a type hint, converting lists to tuples and ints to floats."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+
+    def fail() -> typing.NoReturn:
+        raise ConfigError(f"{source}: {key}: expected {_describe(hint)}, got {value!r}")
+
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key, source)
+            except ConfigError:
+                continue
+        fail()
+    if origin is Literal:
+        if value not in args:
+            fail()
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            fail()
+        item_types = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
+        if len(item_types) != len(value):
+            fail()
+        return tuple(_coerce(v, t, key, source) for v, t in zip(value, item_types))
+    if hint is bool:
+        if not isinstance(value, bool):
+            fail()
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            fail()
+        return value
+    if hint is float:
+        if isinstance(value, str) and _YAML11_FLOAT.match(value.strip()):
+            return float(value)  # PyYAML reads 5e-3 (no dot) as a string; it is meant as a number
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            fail()
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            fail()
+        return value
+    raise TypeError(f"unsupported config type {hint!r} for {key}")  # a bug in this module, not user input
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _describe(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_describe(args[0])}"
+        return f"a list of {len(args)} numbers"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation of values that type-check but cannot work
+
+
+def validate(cfg: ExperimentConfig, source: str) -> None:
+    """Raise ConfigError for the first impossible value, naming its key."""
+
+    def fail(key: str, problem: str) -> typing.NoReturn:
+        raise ConfigError(f"{source}: {key}: {problem}")
+
+    m = cfg.model
+    try:
+        _, patch, dims = parse_model_name(m.name)
+    except ValueError as err:
+        fail("model.name", str(err))
+    if len(m.img_size) != dims:
+        fail("model.img_size", f"{m.name} is {dims}D, so img_size needs {dims} sides, got {list(m.img_size)}")
+    for side in m.img_size:
+        if side <= 0 or side % patch:
+            fail("model.img_size", f"every side must be a positive multiple of the patch size {patch}, got {list(m.img_size)}")
+    if m.in_channels < 1:
+        fail("model.in_channels", f"must be at least 1, got {m.in_channels}")
+    if not 0.0 < m.mask_ratio < 1.0:
+        fail("model.mask_ratio", f"must be strictly between 0 and 1, got {m.mask_ratio}")
+    num_patches = math.prod(s // patch for s in m.img_size)
+    if int(num_patches * (1 - m.mask_ratio)) < 1:
+        fail("model.mask_ratio", f"leaves no visible patch out of {num_patches}")
+    size = cfg.size
+    for key in ("embed_dim", "depth", "num_heads", "decoder_dim", "decoder_depth", "decoder_heads"):
+        if getattr(size, key) < 1:
+            fail(f"model.{key}", f"must be at least 1, got {getattr(size, key)}")
+    if size.embed_dim % size.num_heads:
+        fail("model.num_heads", f"embed_dim {size.embed_dim} is not divisible by num_heads {size.num_heads}")
+    if size.decoder_dim % size.decoder_heads:
+        fail("model.decoder_heads", f"decoder_dim {size.decoder_dim} is not divisible by decoder_heads {size.decoder_heads}")
+    if size.embed_dim < 2 * dims * 2 or size.decoder_dim < 2 * dims * 2:
+        fail("model.embed_dim", f"too small for a {dims}D sin-cos position embedding")
+    if m.mlp_ratio <= 0:
+        fail("model.mlp_ratio", f"must be positive, got {m.mlp_ratio}")
+    if cfg.task.type == "segmentation":
+        if patch & (patch - 1) or patch < 4:
+            fail("model.name", f"the UNETR decoder needs a power-of-two patch size of at least 4, got {patch}")
+        taps = int(math.log2(patch)) - 1
+        skips = cfg.skip_blocks
+        if len(skips) != taps:
+            fail("model.skip_blocks", f"patch {patch} needs {taps} skip blocks, got {list(skips)}")
+        if any(not 1 <= b < size.depth for b in skips) or list(skips) != sorted(set(skips)):
+            fail("model.skip_blocks", f"need increasing block numbers in 1..{size.depth - 1}, got {list(skips)}")
+        if m.feature_size < 1:
+            fail("model.feature_size", f"must be at least 1, got {m.feature_size}")
+
+    d = cfg.data
+    image_size = cfg.data_image_size
+    if len(image_size) != dims:
+        fail("data.image_size", f"needs {dims} sides for a {dims}D model, got {list(image_size)}")
+    if any(s < c for s, c in zip(image_size, m.img_size)):
+        fail("data.image_size", f"must be at least model.img_size {list(m.img_size)} on every side, got {list(image_size)}")
+    if any(s < 16 for s in image_size):
+        fail("data.image_size", f"the built-in generator needs sides of at least 16, got {list(image_size)}")
+    if d.num_sites < 1:
+        fail("data.num_sites", f"must be at least 1, got {d.num_sites}")
+    if d.cases_per_site < 4:
+        fail("data.cases_per_site", f"must be at least 4 (train, validation and test need cases), got {d.cases_per_site}")
+    if d.heterogeneity < 0:
+        fail("data.heterogeneity", f"must be non-negative, got {d.heterogeneity}")
+    for key in ("val_fraction", "test_fraction"):
+        if not 0.0 < getattr(d, key) < 1.0:
+            fail(f"data.{key}", f"must be strictly between 0 and 1, got {getattr(d, key)}")
+    if d.val_fraction + d.test_fraction >= 0.9:
+        fail("data.test_fraction", "val_fraction + test_fraction leave under 10% of cases for training")
+    if not 0.0 <= d.flip_prob <= 1.0:
+        fail("data.flip_prob", f"must be in [0, 1], got {d.flip_prob}")
+    if d.num_workers < 0:
+        fail("data.num_workers", f"must be non-negative, got {d.num_workers}")
+
+    for section in ("pretrain", "finetune"):
+        s = getattr(cfg, section)
+        if s.epochs < 1:
+            fail(f"{section}.epochs", f"must be at least 1, got {s.epochs}")
+        if not 0 <= s.warmup_epochs <= s.epochs:
+            fail(f"{section}.warmup_epochs", f"must be between 0 and epochs ({s.epochs}), got {s.warmup_epochs}")
+        if s.batch_size < 1:
+            fail(f"{section}.batch_size", f"must be at least 1, got {s.batch_size}")
+        if s.base_lr <= 0 or s.min_lr < 0:
+            fail(f"{section}.base_lr", "learning rates must be positive (min_lr non-negative)")
+        if s.weight_decay < 0:
+            fail(f"{section}.weight_decay", f"must be non-negative, got {s.weight_decay}")
+        if not all(0.0 <= b < 1.0 for b in s.betas):
+            fail(f"{section}.betas", f"each beta must be in [0, 1), got {list(s.betas)}")
+        if s.clip_grad is not None and s.clip_grad <= 0:
+            fail(f"{section}.clip_grad", f"must be positive or null, got {s.clip_grad}")
+    f = cfg.finetune
+    if not 0.0 < f.layer_decay <= 1.0:
+        fail("finetune.layer_decay", f"must be in (0, 1], got {f.layer_decay}")
+    if not 0.0 <= f.drop_path < 1.0:
+        fail("finetune.drop_path", f"must be in [0, 1), got {f.drop_path}")
+    if not 0.0 < f.label_fraction <= 1.0:
+        fail("finetune.label_fraction", f"must be in (0, 1], got {f.label_fraction}")
+    if not 0.0 <= f.sw_overlap < 1.0:
+        fail("finetune.sw_overlap", f"must be in [0, 1), got {f.sw_overlap}")
+    if cfg.device != "auto" and cfg.device != "cpu" and not cfg.device.startswith("cuda"):
+        fail("device", f"must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")

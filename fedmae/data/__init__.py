@@ -1,0 +1,1 @@
+"""Data: the built-in synthetic multi-hospital generator and its loaders."""

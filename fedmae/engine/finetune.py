@@ -1,0 +1,183 @@
+"""Fine-tuning a (pre-trained or random) encoder for classification or segmentation.
+
+The model is selected on the validation cases (best main metric) and reported on the test cases,
+pooled and per site. Like pre-training, every epoch is seeded from (seed, epoch) and the run
+resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.losses import DiceCELoss
+from torch import nn
+
+from fedmae.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from fedmae.config import ExperimentConfig
+from fedmae.data.datasets import (
+    Case,
+    SiteData,
+    TaskSpec,
+    epoch_seed,
+    finetuning_dataset,
+    label_subset,
+    load_sites,
+    make_loader,
+    task_spec,
+)
+from fedmae.engine.loop import MetricsLog, Schedule, resolve_device, seed_everything, train_one_epoch
+from fedmae.engine.optim import build_optimizer
+from fedmae.engine.pretrain import EpochCallback
+from fedmae.engine.runs import RunResult, Stopwatch, check_resume_config, prepare_run_dir
+from fedmae.evaluation import evaluate
+from fedmae.models.factory import build_finetune_model
+from fedmae.models.state import encoder_state, load_encoder, load_model_state
+
+log = logging.getLogger(__name__)
+
+LAST, BEST = "checkpoint_last.pt", "checkpoint_best.pt"
+
+
+def task_loss(task: TaskSpec) -> nn.Module:
+    """BCE for multi-label, CE for multi-class, Dice + CE for segmentation (sigmoid or softmax)."""
+    if task.type == "classification":
+        return nn.BCEWithLogitsLoss() if task.multi_label else nn.CrossEntropyLoss()
+    if task.multi_label:
+        return DiceCELoss(sigmoid=True)
+    return DiceCELoss(to_onehot_y=True, softmax=True)
+
+
+def load_pretrained_encoder(model: nn.Module, checkpoint: str | Path) -> dict[str, Any]:
+    """Put the encoder of a pre-training (or fine-tuning) checkpoint into ``model``; strict."""
+    payload = load_checkpoint(checkpoint)
+    state = encoder_state(payload["model"])
+    if not state:
+        raise CheckpointError(f"{checkpoint}: holds no encoder weights")
+    load_encoder(model, state)
+    return payload
+
+
+def finetune(
+    cfg: ExperimentConfig,
+    output_dir: str | Path,
+    *,
+    encoder: str | Path | None = None,
+    resume: bool = False,
+    sites: Sequence[SiteData] | None = None,
+    on_epoch_end: EpochCallback | None = None,
+) -> RunResult:
+    """Fine-tune on the labelled training cases of all sites (``finetune.label_fraction`` of them).
+
+    ``encoder``: a checkpoint whose encoder initialises the model; None trains from scratch.
+    Returns the best-on-validation checkpoint and its test metrics (pooled and per site).
+    """
+    watch = Stopwatch()
+    output_dir = Path(output_dir)
+    last, best = output_dir / LAST, output_dir / BEST
+    prepare_run_dir(output_dir, cfg, last, resume)
+    device = resolve_device(cfg.device)
+    sites = load_sites(cfg) if sites is None else sites
+    task = task_spec(cfg)
+    f = cfg.finetune
+
+    labelled: list[Case] = [
+        case for site in sites for case in label_subset(site.train, f.label_fraction, cfg.seed, site.name)
+    ]
+    train_set = finetuning_dataset(labelled, task, cfg, train=True)
+    val_set = finetuning_dataset([c for s in sites for c in s.val], task, cfg, train=False)
+    seed_everything(cfg.seed)  # same head/decoder initialisation for every arm of a comparison
+    model = build_finetune_model(cfg, task.num_outputs)
+    init = "random"
+    if encoder is not None:
+        load_pretrained_encoder(model, encoder)
+        init = str(encoder)
+    model.to(device)
+    optimizer = build_optimizer(model, cfg.finetune_lr, f.weight_decay, f.betas, f.layer_decay)
+    steps_per_epoch = math.ceil(len(train_set) / f.batch_size)
+    schedule = Schedule(cfg.finetune_lr, f.min_lr, f.warmup_epochs * steps_per_epoch, f.epochs * steps_per_epoch)
+    criterion = task_loss(task)
+    extra = {"task": {"type": task.type, "multi_label": task.multi_label, "class_names": list(task.class_names)}, "init": init}
+
+    metrics_log = MetricsLog(output_dir / "metrics.jsonl")
+    start_epoch, step, best_score = 0, 0, -math.inf
+    if resume and last.exists():
+        payload = load_checkpoint(last, expect_kind="finetune")
+        check_resume_config(payload["config"], cfg, last)
+        load_model_state(model, payload["model"], str(last))
+        optimizer.load_state_dict(payload["optimizer"])
+        start_epoch, step = payload["epoch"], payload["step"]
+        best_score = payload["extra"].get("best_score", -math.inf)
+        metrics_log.truncate_after(start_epoch)
+    else:
+        metrics_log.path.unlink(missing_ok=True)
+    log.info(
+        "fine-tuning (%s, init %s) on %d labelled cases, lr %.3g, %d epochs",
+        task.type, init, len(train_set), cfg.finetune_lr, f.epochs,
+    )
+
+    def loss_of_batch(net: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return criterion(net(batch["image"].to(device)).float(), batch["label"].to(device))
+
+    for epoch in range(start_epoch, f.epochs):
+        epoch_watch = Stopwatch()
+        seed_everything(epoch_seed(cfg.seed, epoch, stream=3))
+        loader = make_loader(train_set, f.batch_size, epoch_seed(cfg.seed, epoch, stream=2), True, cfg.data.num_workers)
+        train_loss, step = train_one_epoch(
+            model, loader, optimizer, loss_of_batch, schedule, step, device, f.clip_grad, f"finetune {epoch + 1}/{f.epochs}"
+        )
+        val = _evaluate(model, val_set, task, cfg, device)
+        score = val[val["main"]] if val[val["main"]] is not None else -math.inf
+        record = {
+            "epoch": epoch + 1,
+            "step": step,
+            "lr": optimizer.param_groups[-1]["lr"],
+            "train_loss": train_loss,
+            f"val_{val['main']}": val[val["main"]],
+            "seconds": round(epoch_watch.seconds, 3),
+        }
+        metrics_log.write(record)
+        if score > best_score or not best.exists():
+            best_score = max(score, best_score)
+            save_checkpoint(
+                best, kind="finetune", model_state=model.state_dict(), config=cfg.to_dict(), epoch=epoch + 1,
+                step=step, metrics={"val": val}, extra=extra,
+            )
+        save_checkpoint(
+            last, kind="finetune", model_state=model.state_dict(), config=cfg.to_dict(), epoch=epoch + 1, step=step,
+            optimizer_state=optimizer.state_dict(), metrics={"val": val}, extra={**extra, "best_score": best_score},
+        )
+        log.info("finetune epoch %d: train loss %.4f, val %s %s", epoch + 1, train_loss, val["main"], val[val["main"]])
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, record)
+
+    payload = load_checkpoint(best, expect_kind="finetune")
+    load_model_state(model, payload["model"], str(best))
+    report = evaluate_sites(model, sites, task, cfg, device, split="test")
+    report.update(selected_epoch=payload["epoch"], val=payload["metrics"]["val"], init=init)
+    (output_dir / "test_metrics.json").write_text(json.dumps(report, indent=2))
+    return RunResult(output_dir, best, report, watch.seconds)
+
+
+def evaluate_sites(
+    model: nn.Module, sites: Sequence[SiteData], task: TaskSpec, cfg: ExperimentConfig, device: torch.device, split: str
+) -> dict[str, Any]:
+    """Metrics on one split, pooled over all sites and per site."""
+    pooled = _evaluate(model, finetuning_dataset([c for s in sites for c in getattr(s, split)], task, cfg, False), task, cfg, device)
+    per_site = {
+        site.name: _evaluate(model, finetuning_dataset(getattr(site, split), task, cfg, False), task, cfg, device)
+        for site in sites
+    }
+    return {"split": split, "pooled": pooled, "sites": per_site}
+
+
+def _evaluate(model: nn.Module, dataset, task: TaskSpec, cfg: ExperimentConfig, device: torch.device) -> dict[str, Any]:
+    # Whole images for segmentation (sliding window); batch 1 lets images differ in size.
+    batch = 1 if task.type == "segmentation" else cfg.finetune.batch_size
+    loader = make_loader(dataset, batch, cfg.seed, False, cfg.data.num_workers)
+    return evaluate(model, loader, task, device, cfg.model.img_size, cfg.finetune.sw_overlap, cfg.task.hd95)

@@ -1,0 +1,151 @@
+"""Centralised MAE self pre-training: images only, one checkpoint per epoch, resumable.
+
+Each epoch seeds its own randomness (shuffling, crops, flips, masking) from (seed, epoch), so an
+interrupted run resumed from its last checkpoint ends with exactly the weights of an uninterrupted
+one. Federated sites run the same :func:`pretrain_epoch` on their own images.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from fedmae.checkpoint import load_checkpoint, save_checkpoint
+from fedmae.config import ExperimentConfig
+from fedmae.data.datasets import SiteData, epoch_seed, load_sites, make_loader, pretraining_dataset
+from fedmae.engine.loop import MetricsLog, Schedule, autocast, resolve_device, seed_everything, train_one_epoch
+from fedmae.engine.optim import build_optimizer
+from fedmae.engine.runs import RunResult, Stopwatch, check_resume_config, prepare_run_dir
+from fedmae.models.factory import build_mae
+from fedmae.models.mae import MaskedAutoencoder
+from fedmae.models.state import load_model_state
+
+log = logging.getLogger(__name__)
+
+LAST = "checkpoint_last.pt"
+EpochCallback = Callable[[int, dict[str, Any]], None]
+
+
+def mae_loss(model: MaskedAutoencoder, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    device = next(model.parameters()).device
+    loss, _, _ = model(batch["image"].to(device, non_blocking=True))
+    return loss
+
+
+def pretrain_schedule(cfg: ExperimentConfig, num_images: int) -> Schedule:
+    steps_per_epoch = math.ceil(num_images / cfg.pretrain.batch_size)
+    p = cfg.pretrain
+    return Schedule(cfg.pretrain_lr, p.min_lr, p.warmup_epochs * steps_per_epoch, p.epochs * steps_per_epoch)
+
+
+def pretrain_epoch(
+    model: MaskedAutoencoder,
+    dataset: Dataset,
+    optimizer: torch.optim.Optimizer,
+    schedule: Schedule,
+    cfg: ExperimentConfig,
+    epoch: int,
+    step: int,
+    device: torch.device,
+    desc: str = "pretrain",
+) -> tuple[float, int]:
+    """One reproducible epoch of MAE training (0-based ``epoch``); returns (mean loss, next step)."""
+    seed_everything(epoch_seed(cfg.seed, epoch, stream=1))
+    loader = make_loader(dataset, cfg.pretrain.batch_size, epoch_seed(cfg.seed, epoch), True, cfg.data.num_workers)
+    return train_one_epoch(model, loader, optimizer, mae_loss, schedule, step, device, cfg.pretrain.clip_grad, desc)
+
+
+@torch.no_grad()
+def reconstruction_loss(model: MaskedAutoencoder, dataset: Dataset, cfg: ExperimentConfig, device: torch.device) -> float:
+    """Masked-patch MSE on held-out images with fixed masks, so epochs are comparable."""
+    model.eval()
+    loader = make_loader(dataset, cfg.pretrain.batch_size, cfg.seed, False, cfg.data.num_workers)
+    total, count = 0.0, 0
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # leave the training RNG stream untouched
+        torch.manual_seed(cfg.seed)
+        for batch in loader:
+            with autocast(device):
+                loss = mae_loss(model, batch)
+            total += loss.item() * len(batch["image"])
+            count += len(batch["image"])
+    return total / max(count, 1)
+
+
+def site_images(sites: Sequence[SiteData], split: str) -> list[np.ndarray]:
+    """The images of one split of every site: the only thing pre-training reads."""
+    return [case.image for site in sites for case in getattr(site, split)]
+
+
+def pretrain(
+    cfg: ExperimentConfig,
+    output_dir: str | Path,
+    *,
+    resume: bool = False,
+    sites: Sequence[SiteData] | None = None,
+    on_epoch_end: EpochCallback | None = None,
+) -> RunResult:
+    """Pre-train an MAE on the pooled training images of all sites; returns the last checkpoint."""
+    watch = Stopwatch()
+    output_dir = Path(output_dir)
+    last = output_dir / LAST
+    prepare_run_dir(output_dir, cfg, last, resume)
+    device = resolve_device(cfg.device)
+    sites = load_sites(cfg) if sites is None else sites
+    train_set = pretraining_dataset(site_images(sites, "train"), cfg, train=True)
+    val_set = pretraining_dataset(site_images(sites, "val"), cfg, train=False)
+
+    seed_everything(cfg.seed)  # the initial weights are part of the run's reproducibility
+    model = build_mae(cfg).to(device)
+    p = cfg.pretrain
+    optimizer = build_optimizer(model, cfg.pretrain_lr, p.weight_decay, p.betas)
+    schedule = pretrain_schedule(cfg, len(train_set))
+    metrics_log = MetricsLog(output_dir / "metrics.jsonl")
+    start_epoch, step = 0, 0
+    if resume and last.exists():
+        payload = load_checkpoint(last, expect_kind="mae")
+        check_resume_config(payload["config"], cfg, last)
+        load_model_state(model, payload["model"], str(last))
+        optimizer.load_state_dict(payload["optimizer"])
+        start_epoch, step = payload["epoch"], payload["step"]
+        metrics_log.truncate_after(start_epoch)
+        log.info("resuming pre-training from %s at epoch %d", last, start_epoch)
+    else:
+        metrics_log.path.unlink(missing_ok=True)
+    log.info(
+        "pre-training %s on %d images (%d validation), lr %.3g (base %.3g x batch %d / 256), %d epochs",
+        cfg.model.name, len(train_set), len(val_set), cfg.pretrain_lr, p.base_lr, p.batch_size, p.epochs,
+    )
+
+    record: dict[str, Any] = {}
+    for epoch in range(start_epoch, p.epochs):
+        epoch_watch = Stopwatch()
+        train_loss, step = pretrain_epoch(
+            model, train_set, optimizer, schedule, cfg, epoch, step, device, desc=f"pretrain {epoch + 1}/{p.epochs}"
+        )
+        record = {
+            "epoch": epoch + 1,
+            "step": step,
+            "lr": optimizer.param_groups[0]["lr"],
+            "train_loss": train_loss,
+            "val_loss": reconstruction_loss(model, val_set, cfg, device),
+            "seconds": round(epoch_watch.seconds, 3),
+        }
+        metrics_log.write(record)
+        save_checkpoint(
+            last, kind="mae", model_state=model.state_dict(), config=cfg.to_dict(), epoch=epoch + 1, step=step,
+            optimizer_state=optimizer.state_dict(), metrics=record,
+        )
+        log.info("pretrain epoch %d: train loss %.4f, val loss %.4f", epoch + 1, train_loss, record["val_loss"])
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, record)
+    if not record:  # resumed a finished run: report what it ended with
+        record = load_checkpoint(last, expect_kind="mae")["metrics"]
+    return RunResult(output_dir, last, record, watch.seconds)

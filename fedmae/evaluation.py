@@ -1,0 +1,120 @@
+"""Task metrics: ROC-AUC / accuracy for classification, Dice (and HD95) for segmentation.
+
+Segmentation is evaluated on whole images with MONAI's sliding-window inference at the model's
+input size, so images larger than the training crop are scored in full.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+from monai.metrics import DiceMetric, compute_hausdorff_distance, compute_roc_auc
+from monai.networks.utils import one_hot
+from torch import nn
+
+from fedmae.data.datasets import TaskSpec
+from fedmae.engine.loop import autocast
+
+
+def main_metric(task: TaskSpec) -> str:
+    """The metric used for model selection and headline reporting."""
+    if task.type == "segmentation":
+        return "mean_dice"
+    return "mean_auc" if task.multi_label else "accuracy"
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable[dict[str, torch.Tensor]],
+    task: TaskSpec,
+    device: torch.device,
+    roi_size: tuple[int, ...],
+    overlap: float = 0.5,
+    hd95: bool = False,
+) -> dict[str, Any]:
+    """Metrics of ``model`` over ``loader``: {"main": name, name: value, ..., "per_class": {...}}."""
+    model.eval()
+    if task.type == "classification":
+        return _classification(model, loader, task, device)
+    return _segmentation(model, loader, task, device, roi_size, overlap, hd95)
+
+
+def _classification(model, loader, task: TaskSpec, device) -> dict[str, Any]:
+    logits, targets = [], []
+    for batch in loader:
+        with autocast(device):
+            logits.append(model(batch["image"].to(device)).float().cpu())
+        targets.append(batch["label"])
+    y_logit, y = torch.cat(logits), torch.cat(targets)
+    result: dict[str, Any] = {"main": main_metric(task), "cases": len(y)}
+    if task.multi_label:
+        with warnings.catch_warnings():  # a class with one label value in a small split has no AUC
+            warnings.simplefilter("ignore")
+            aucs = np.atleast_1d(compute_roc_auc(torch.sigmoid(y_logit), y, average="none"))
+        per_class = {name: _number(a) for name, a in zip(task.class_names, aucs)}
+        result["mean_auc"] = _nanmean(per_class.values())
+        result["per_class"] = {"auc": per_class}
+    else:
+        predicted = y_logit.argmax(dim=1)
+        result["accuracy"] = float((predicted == y).float().mean())
+        recall = {
+            name: _number(float((predicted[y == c] == c).float().mean()) if (y == c).any() else math.nan)
+            for c, name in enumerate(task.class_names)
+        }
+        result["per_class"] = {"recall": recall}
+    return result
+
+
+def _segmentation(model, loader, task: TaskSpec, device, roi_size, overlap, hd95) -> dict[str, Any]:
+    # Softmax models include background in their outputs; it is left out of the scores.
+    include_background = task.multi_label
+    dice = DiceMetric(include_background=include_background, reduction="mean_batch", ignore_empty=True)
+    distances: list[torch.Tensor] = []
+    cases = 0
+    for batch in loader:
+        image, label = batch["image"].to(device), batch["label"].to(device)
+        with autocast(device):
+            logits = sliding_window_inference(image, roi_size, 4, model, overlap=overlap, mode="gaussian")
+        logits = logits.float()
+        if task.multi_label:
+            pred, truth = (torch.sigmoid(logits) > 0.5).float(), label.float()
+        else:
+            pred = one_hot(logits.argmax(dim=1, keepdim=True), task.num_outputs)
+            truth = one_hot(label, task.num_outputs)
+        dice(pred, truth)
+        if hd95:
+            with warnings.catch_warnings():  # empty prediction or truth gives inf/nan, reported as such
+                warnings.simplefilter("ignore")
+                distances.append(
+                    compute_hausdorff_distance(pred, truth, include_background=include_background, percentile=95).cpu()
+                )
+        cases += image.shape[0]
+    scored = task.class_names if include_background else task.class_names[1:]
+    per_class = {name: _number(v) for name, v in zip(scored, dice.aggregate().cpu().tolist())}
+    result: dict[str, Any] = {"main": "mean_dice", "cases": cases, "mean_dice": _nanmean(per_class.values())}
+    result["per_class"] = {"dice": per_class}
+    if hd95:
+        table = torch.cat(distances)  # (cases, classes)
+        finite = torch.where(torch.isfinite(table), table, torch.nan)
+        hd = {name: _number(float(torch.nanmean(finite[:, i]))) for i, name in enumerate(scored)}
+        result["mean_hd95"] = _nanmean(hd.values())
+        result["per_class"]["hd95"] = hd
+    return result
+
+
+def _number(value: float) -> float | None:
+    """JSON-safe float: NaN (undefined metric) becomes None."""
+    value = float(value)
+    return None if math.isnan(value) else value
+
+
+def _nanmean(values: Iterable[float | None]) -> float | None:
+    defined = [v for v in values if v is not None]
+    return float(np.mean(defined)) if defined else None

@@ -1,0 +1,74 @@
+"""An interrupted-and-resumed run ends with the same weights as an uninterrupted one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedmae.checkpoint import load_checkpoint
+from fedmae.data.datasets import load_sites
+from fedmae.engine.finetune import finetune
+from fedmae.engine.loop import MetricsLog
+from fedmae.engine.pretrain import pretrain
+from tests.tiny import tiny_config
+
+
+class Killed(Exception):
+    """Stands in for the process dying right after a checkpoint was written."""
+
+
+def kill_after(epoch: int):
+    def callback(done: int, record: dict) -> None:
+        if done == epoch:
+            raise Killed
+
+    return callback
+
+
+def assert_same_weights(a, b):
+    state_a, state_b = load_checkpoint(a)["model"], load_checkpoint(b)["model"]
+    assert state_a.keys() == state_b.keys()
+    for key in state_a:
+        assert torch.equal(state_a[key], state_b[key]), key
+
+
+def losses(path):
+    return [(r["epoch"], r["train_loss"]) for r in MetricsLog(path / "metrics.jsonl").read()]
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_pretraining_resumes_to_identical_weights(tmp_path, dims):
+    cfg = tiny_config(dims, data={"image_size": [40] * dims, "flip_prob": 0.5}, pretrain={"epochs": 3})
+    sites = load_sites(cfg)
+    straight = pretrain(cfg, tmp_path / "straight", sites=sites)
+    with pytest.raises(Killed):
+        pretrain(cfg, tmp_path / "resumed", sites=sites, on_epoch_end=kill_after(2))
+    with pytest.raises(FileExistsError, match="--resume"):
+        pretrain(cfg, tmp_path / "resumed", sites=sites)  # never silently overwrite a run
+    resumed = pretrain(cfg, tmp_path / "resumed", sites=sites, resume=True)
+    assert_same_weights(straight.checkpoint, resumed.checkpoint)
+    assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")
+    assert load_checkpoint(resumed.checkpoint)["epoch"] == 3
+
+
+def test_finetuning_resumes_to_identical_weights(tmp_path):
+    cfg = tiny_config(2, "segmentation", finetune={"epochs": 3})
+    sites = load_sites(cfg)
+    encoder = pretrain(cfg, tmp_path / "pre", sites=sites).checkpoint
+    straight = finetune(cfg, tmp_path / "straight", encoder=encoder, sites=sites)
+    with pytest.raises(Killed):
+        finetune(cfg, tmp_path / "resumed", encoder=encoder, sites=sites, on_epoch_end=kill_after(1))
+    resumed = finetune(cfg, tmp_path / "resumed", encoder=encoder, sites=sites, resume=True)
+    for name in ("checkpoint_last.pt", "checkpoint_best.pt"):
+        assert_same_weights(tmp_path / "straight" / name, tmp_path / "resumed" / name)
+    assert straight.metrics["pooled"] == resumed.metrics["pooled"]
+
+
+def test_resume_refuses_a_changed_config(tmp_path):
+    cfg = tiny_config(2, pretrain={"epochs": 2})
+    sites = load_sites(cfg)
+    with pytest.raises(Killed):
+        pretrain(cfg, tmp_path, sites=sites, on_epoch_end=kill_after(1))
+    changed = tiny_config(2, pretrain={"epochs": 2, "base_lr": 0.5})
+    with pytest.raises(ValueError, match="config differs .* pretrain.base_lr"):
+        pretrain(changed, tmp_path, sites=sites, resume=True)

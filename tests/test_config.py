@@ -1,0 +1,132 @@
+"""Configuration: strict loading, one-line errors naming the key, derived values, shipped configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fedmae.config import ConfigError, ExperimentConfig, default_skip_blocks, load_config
+from fedmae.models.factory import build_finetune_model, build_mae
+from tests.tiny import tiny_raw
+
+REPO = Path(__file__).resolve().parent.parent
+SHIPPED = sorted(REPO.glob("configs/**/*.yaml"))
+
+
+def write(tmp_path: Path, raw: dict) -> Path:
+    path = tmp_path / "experiment.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_defaults_come_from_the_dataclasses(tmp_path):
+    cfg = load_config(write(tmp_path, {}))
+    assert cfg == ExperimentConfig()
+    assert cfg.pretrain_lr == pytest.approx(1.5e-4 * 32 / 256)
+
+
+# (section, key, value, words the one-line error must contain)
+BAD_VALUES = [
+    ("model", "dpeth", 4, "unknown key 'model.dpeth'"),
+    ("pretrain", "epochs", "ten", "pretrain.epochs: expected an integer"),
+    ("pretrain", "epochs", 2.5, "pretrain.epochs: expected an integer"),
+    ("model", "norm_pix_loss", "yes", "model.norm_pix_loss: expected true/false"),
+    ("model", "img_size", [33, 32], "model.img_size: every side must be a positive multiple of the patch size 8"),
+    ("model", "img_size", [32, 32, 32], "model.img_size: vit_tiny_patch8_2d is 2D"),
+    ("model", "mask_ratio", 1.0, "model.mask_ratio: must be strictly between 0 and 1"),
+    ("model", "mask_ratio", 0.0, "model.mask_ratio: must be strictly between 0 and 1"),
+    ("model", "name", "vit_huge_patch16_2d", "model.name: unknown model name"),
+    ("model", "num_heads", 3, "model.num_heads: embed_dim 32 is not divisible"),
+    ("task", "type", "detection", "task.type: expected one of 'classification', 'segmentation'"),
+    ("data", "val_fraction", 1.5, "data.val_fraction: must be strictly between 0 and 1"),
+    ("data", "image_size", [16, 16], "data.image_size: must be at least model.img_size"),
+    ("finetune", "warmup_epochs", 10, "finetune.warmup_epochs: must be between 0 and epochs"),
+    ("finetune", "layer_decay", 0.0, "finetune.layer_decay: must be in (0, 1]"),
+    ("pretrain", "betas", [0.9], "pretrain.betas: expected a list of 2 numbers"),
+]
+
+
+@pytest.mark.parametrize("section,key,value,words", BAD_VALUES)
+def test_bad_value_names_file_and_key(tmp_path, section, key, value, words):
+    raw = tiny_raw(2)
+    raw[section][key] = value
+    path = write(tmp_path, raw)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert words in message
+    assert message.startswith(str(path))
+    assert "\n" not in message
+
+
+def test_unknown_top_level_key_lists_valid_keys(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'modle' \(valid keys here: .*model"):
+        load_config(write(tmp_path, {"modle": {}}))
+
+
+def test_segmentation_checks_skip_blocks(tmp_path):
+    raw = tiny_raw(2, "segmentation")
+    raw["model"]["skip_blocks"] = [1, 2, 3]  # patch 8 takes two skips
+    with pytest.raises(ConfigError, match="model.skip_blocks: patch 8 needs 2 skip blocks"):
+        load_config(write(tmp_path, raw))
+
+
+def test_overrides_apply_and_are_checked(tmp_path):
+    path = write(tmp_path, tiny_raw(2))
+    cfg = load_config(path, ["pretrain.epochs=7", "model.img_size=[32, 48]", "pretrain.clip_grad=null"])
+    assert cfg.pretrain.epochs == 7 and cfg.model.img_size == (32, 48) and cfg.pretrain.clip_grad is None
+    with pytest.raises(ConfigError, match="unknown key 'pretrain.epoch'"):
+        load_config(path, ["pretrain.epoch=7"])
+    with pytest.raises(ConfigError, match="expected key.sub=value"):
+        load_config(path, ["pretrain.epochs"])
+
+
+def test_invalid_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "absent.yaml")
+
+
+@pytest.mark.parametrize("depth,patch,expected", [(12, 16, (4, 7, 10)), (6, 16, (2, 4, 5)), (4, 16, (1, 2, 3)), (12, 8, (4, 8)), (24, 16, (8, 14, 20))])
+def test_default_skip_blocks_scale_the_paper(depth, patch, expected):
+    assert default_skip_blocks(depth, patch) == expected
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(write(tmp_path, tiny_raw(3, "segmentation")))
+    again = load_config(write(tmp_path, cfg.to_dict()))
+    assert again == cfg
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_shipped_configs_load_and_build(path):
+    cfg = load_config(path)
+    assert build_mae(cfg) is not None
+    assert build_finetune_model(cfg, 3) is not None
+
+
+def test_paper_btcv_matches_the_reported_parameter_counts():
+    cfg = load_config(REPO / "configs/paper/btcv.yaml")
+    mae = build_mae(cfg)
+    encoder = sum(p.numel() for p in mae.encoder.parameters() if p.requires_grad)
+    decoder = sum(p.numel() for p in mae.parameters() if p.requires_grad) - encoder
+    assert encoder == pytest.approx(88e6, rel=0.02) and decoder == pytest.approx(16e6, rel=0.02)
+    unetr = build_finetune_model(cfg, 14)
+    head = sum(p.numel() for p in unetr.parameters()) - sum(p.numel() for p in unetr.encoder.parameters())
+    assert head == pytest.approx(4.4e6, rel=0.02)
+    assert cfg.skip_blocks == (4, 7, 10) and cfg.model.img_size == (96, 96, 96)
+
+
+def test_exponent_without_dot_is_a_number(tmp_path):
+    # YAML 1.1 (PyYAML) reads 5e-3 as a string; users mean a number.
+    raw = tiny_raw(2)
+    raw["finetune"]["base_lr"] = "5e-3"
+    assert load_config(write(tmp_path, raw)).finetune.base_lr == pytest.approx(5e-3)
+    raw["finetune"]["base_lr"] = "fast"
+    with pytest.raises(ConfigError, match="finetune.base_lr: expected a number"):
+        load_config(write(tmp_path, raw))
