@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fedmae.checkpoint import CheckpointError, load_checkpoint
 from fedmae.config import ConfigError, ExperimentConfig, load_config
 
 log = logging.getLogger("fedmae")
@@ -28,8 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.set)
         return args.run(cfg, args)
-    except (ConfigError, CheckpointError, FileExistsError, ValueError) as err:
-        # ValueError covers weight mismatches and bad data that the user must fix, not a crash.
+    except (ConfigError, FileExistsError, ValueError) as err:
+        # ValueError also covers unusable checkpoints, weight mismatches and bad data: things the
+        # user must fix, not crashes.
         print(f"fedmae: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -80,6 +80,7 @@ def _pretrain(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
 
 
 def _finetune(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
+    from fedmae.checkpoint import load_checkpoint
     from fedmae.engine.finetune import finetune
 
     if args.encoder is not None:
@@ -93,6 +94,7 @@ def _finetune(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
 
 
 def _evaluate(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
+    from fedmae.checkpoint import load_checkpoint
     from fedmae.data.datasets import load_sites, task_spec
     from fedmae.engine.finetune import evaluate_sites
     from fedmae.engine.loop import resolve_device
@@ -115,9 +117,9 @@ def _evaluate(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
 
 
 def _demo(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
+    from fedmae.data.datasets import load_sites
     from fedmae.engine.finetune import finetune
     from fedmae.engine.pretrain import pretrain
-    from fedmae.data.datasets import load_sites
 
     root = _output(cfg, args, "").resolve()
     sites = load_sites(cfg)
