@@ -130,3 +130,16 @@ def test_exponent_without_dot_is_a_number(tmp_path):
     raw["finetune"]["base_lr"] = "fast"
     with pytest.raises(ConfigError, match="finetune.base_lr: expected a number"):
         load_config(write(tmp_path, raw))
+
+
+def test_readme_config_reference_names_every_key():
+    import dataclasses
+
+    readme = (REPO / "README.md").read_text()
+    reference = readme[readme.index("## Config reference") :]
+    cfg = ExperimentConfig()
+    for section in dataclasses.fields(cfg):
+        value = getattr(cfg, section.name)
+        keys = [f.name for f in dataclasses.fields(value)] if dataclasses.is_dataclass(value) else [section.name]
+        for key in keys:
+            assert f"`{key}`" in reference, f"README config reference lacks {section.name}.{key}"

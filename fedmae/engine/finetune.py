@@ -34,7 +34,7 @@ from fedmae.data.datasets import (
 from fedmae.engine.loop import MetricsLog, Schedule, resolve_device, seed_everything, train_one_epoch
 from fedmae.engine.optim import build_optimizer
 from fedmae.engine.pretrain import EpochCallback
-from fedmae.engine.runs import RunResult, Stopwatch, check_resume_config, prepare_run_dir
+from fedmae.engine.runs import RunResult, Stopwatch, prepare_run_dir, restore_or_start
 from fedmae.evaluation import evaluate
 from fedmae.models.factory import build_finetune_model
 from fedmae.models.state import encoder_state, load_encoder, load_model_state
@@ -105,17 +105,9 @@ def finetune(
     extra = {"task": {"type": task.type, "multi_label": task.multi_label, "class_names": list(task.class_names)}, "init": init}
 
     metrics_log = MetricsLog(output_dir / "metrics.jsonl")
-    start_epoch, step, best_score = 0, 0, -math.inf
-    if resume and last.exists():
-        payload = load_checkpoint(last, expect_kind="finetune")
-        check_resume_config(payload["config"], cfg, last)
-        load_model_state(model, payload["model"], str(last))
-        optimizer.load_state_dict(payload["optimizer"])
-        start_epoch, step = payload["epoch"], payload["step"]
-        best_score = payload["extra"].get("best_score", -math.inf)
-        metrics_log.truncate_after(start_epoch)
-    else:
-        metrics_log.path.unlink(missing_ok=True)
+    resumed = restore_or_start(last, "finetune", cfg, model, optimizer, metrics_log, resume)
+    start_epoch, step = (resumed["epoch"], resumed["step"]) if resumed else (0, 0)
+    best_score = resumed["extra"].get("best_score", -math.inf) if resumed else -math.inf
     log.info(
         "fine-tuning (%s, init %s) on %d labelled cases, lr %.3g, %d epochs",
         task.type, init, len(train_set), cfg.finetune_lr, f.epochs,

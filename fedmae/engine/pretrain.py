@@ -22,10 +22,9 @@ from fedmae.config import ExperimentConfig
 from fedmae.data.datasets import SiteData, epoch_seed, load_sites, make_loader, pretraining_dataset
 from fedmae.engine.loop import MetricsLog, Schedule, autocast, resolve_device, seed_everything, train_one_epoch
 from fedmae.engine.optim import build_optimizer
-from fedmae.engine.runs import RunResult, Stopwatch, check_resume_config, prepare_run_dir
+from fedmae.engine.runs import RunResult, Stopwatch, prepare_run_dir, restore_or_start
 from fedmae.models.factory import build_mae
 from fedmae.models.mae import MaskedAutoencoder
-from fedmae.models.state import load_model_state
 
 log = logging.getLogger(__name__)
 
@@ -108,17 +107,8 @@ def pretrain(
     optimizer = build_optimizer(model, cfg.pretrain_lr, p.weight_decay, p.betas)
     schedule = pretrain_schedule(cfg, len(train_set))
     metrics_log = MetricsLog(output_dir / "metrics.jsonl")
-    start_epoch, step = 0, 0
-    if resume and last.exists():
-        payload = load_checkpoint(last, expect_kind="mae")
-        check_resume_config(payload["config"], cfg, last)
-        load_model_state(model, payload["model"], str(last))
-        optimizer.load_state_dict(payload["optimizer"])
-        start_epoch, step = payload["epoch"], payload["step"]
-        metrics_log.truncate_after(start_epoch)
-        log.info("resuming pre-training from %s at epoch %d", last, start_epoch)
-    else:
-        metrics_log.path.unlink(missing_ok=True)
+    resumed = restore_or_start(last, "mae", cfg, model, optimizer, metrics_log, resume)
+    start_epoch, step = (resumed["epoch"], resumed["step"]) if resumed else (0, 0)
     log.info(
         "pre-training %s on %d images (%d validation), lr %.3g (base %.3g x batch %d / 256), %d epochs",
         cfg.model.name, len(train_set), len(val_set), cfg.pretrain_lr, p.base_lr, p.batch_size, p.epochs,

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
+from torch import nn
 
+from fedmae.checkpoint import Kind, load_checkpoint
 from fedmae.config import ExperimentConfig
+from fedmae.engine.loop import MetricsLog
+from fedmae.models.state import load_model_state
+
+log = logging.getLogger(__name__)
 
 # Settings that may change between an interrupted run and its resumption without changing the result.
 _RESUME_FREE_KEYS = {"output_dir", "device", "data.num_workers"}
@@ -32,6 +40,31 @@ def prepare_run_dir(output_dir: Path, cfg: ExperimentConfig, last_checkpoint: Pa
         )
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def restore_or_start(
+    last_checkpoint: Path,
+    kind: Kind,
+    cfg: ExperimentConfig,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    metrics_log: MetricsLog,
+    resume: bool,
+) -> dict[str, Any] | None:
+    """Continue from ``last_checkpoint`` when resuming (weights, optimiser, log), else start clean.
+
+    Returns the checkpoint payload it resumed from (its ``epoch`` and ``step`` say where), or None.
+    """
+    if not (resume and last_checkpoint.exists()):
+        metrics_log.path.unlink(missing_ok=True)
+        return None
+    payload = load_checkpoint(last_checkpoint, expect_kind=kind)
+    check_resume_config(payload["config"], cfg, last_checkpoint)
+    load_model_state(model, payload["model"], str(last_checkpoint))
+    optimizer.load_state_dict(payload["optimizer"])
+    metrics_log.truncate_after(payload["epoch"])
+    log.info("resuming %s from %s after epoch %d", kind, last_checkpoint, payload["epoch"])
+    return payload
 
 
 def check_resume_config(stored: dict[str, Any], cfg: ExperimentConfig, checkpoint: Path) -> None:
