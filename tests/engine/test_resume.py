@@ -72,3 +72,13 @@ def test_resume_refuses_a_changed_config(tmp_path):
     changed = tiny_config(2, pretrain={"epochs": 2, "base_lr": 0.5})
     with pytest.raises(ValueError, match="config differs .* pretrain.base_lr"):
         pretrain(changed, tmp_path, sites=sites, resume=True)
+
+
+def test_finetune_resume_refuses_another_encoder(tmp_path):
+    cfg = tiny_config(2, finetune={"epochs": 2})
+    sites = load_sites(cfg)
+    encoder = pretrain(cfg, tmp_path / "pre", sites=sites).checkpoint
+    with pytest.raises(Killed):
+        finetune(cfg, tmp_path / "ft", encoder=encoder, sites=sites, on_epoch_end=kill_after(1))
+    with pytest.raises(ValueError, match="cannot resume, the run started from .*checkpoint_last.pt, not random"):
+        finetune(cfg, tmp_path / "ft", sites=sites, resume=True)
