@@ -186,7 +186,7 @@ def make_loader(dataset: Dataset, batch_size: int, seed: int, shuffle: bool, num
 
 def label_subset(cases: Sequence[Case], fraction: float, seed: int, site: str) -> list[Case]:
     """A reproducible ``fraction`` of a site's labelled training cases (at least one)."""
-    if fraction >= 1.0:
+    if fraction >= 1.0 or not cases:
         return list(cases)
     count = max(1, round(len(cases) * fraction))
     rng = np.random.default_rng([seed, zlib.crc32(site.encode()), 1])

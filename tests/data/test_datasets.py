@@ -137,6 +137,7 @@ def test_label_subset_is_reproducible_and_keeps_one():
     assert len(label_subset(cases, 0.25, 0, "a")) == 5
     assert len(label_subset(cases, 0.01, 0, "a")) == 1
     assert label_subset(cases, 1.0, 0, "a") == cases
+    assert label_subset([], 0.25, 0, "a") == []  # a site without labelled cases
 
 
 @pytest.mark.parametrize("task_type", ["classification", "segmentation"])
