@@ -145,16 +145,16 @@ def _demo(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
 
 
 def _print_report(report: dict[str, Any]) -> None:
-    print(_table({"pooled": report["pooled"], **report["sites"]}))
+    print(_table({"pooled": report["pooled"], **report["sites"]}, split=report.get("split", "test")))
 
 
-def _table(rows: dict[str, dict[str, Any]]) -> str:
+def _table(rows: dict[str, dict[str, Any]], split: str = "test") -> str:
     """Plain-text table: one row per entry, the main metric then each per-class score."""
     pooled = {name: r.get("pooled", r) for name, r in rows.items()}
     first = next(iter(pooled.values()))
     main = first["main"]
     kind, per_class = next(iter(first["per_class"].items()))
-    headers = ["", f"test {main}", *[f"{kind} {c}" for c in per_class]]
+    headers = ["", f"{split} {main}", *[f"{kind} {c}" for c in per_class]]
     body = [
         [name, _fmt(r[main]), *[_fmt(v) for v in r["per_class"][kind].values()]] for name, r in pooled.items()
     ]
