@@ -30,6 +30,7 @@ from monai.networks.nets import MaskedAutoEncoderViT
 from torch.utils.flop_counter import FlopCounterMode
 
 from fedmae.models import MaskedAutoencoder, ViTEncoder
+from fedmae.models.mae import patchify
 
 
 @dataclass
@@ -81,8 +82,7 @@ class Stepper:
         self.model = build(kind, s).to(device).train()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
         self.images = torch.randn(s.batch, s.in_channels, *(s.img_size,) * s.spatial_dims, device=device)
-        # MONAI has no patchify; fedmae's gives the same target shape for its loss.
-        self.patchify = build("fedmae", Setup(**{**asdict(s), "depth": 1, "decoder_depth": 1})).patchify
+        self.patch = s.patch
 
     def step(self) -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
@@ -90,7 +90,8 @@ class Stepper:
                 loss, _, _ = self.model(self.images)
             else:
                 pred, mask = self.model(self.images)
-                per_patch = ((pred.float() - self.patchify(self.images)) ** 2).mean(-1)
+                # MONAI has no patchify; fedmae's gives the same target shape for its loss.
+                per_patch = ((pred.float() - patchify(self.images, self.patch)) ** 2).mean(-1)
                 loss = (per_patch * mask).sum() / mask.sum()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

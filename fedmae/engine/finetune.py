@@ -105,14 +105,9 @@ def finetune(
     extra = {"task": {"type": task.type, "multi_label": task.multi_label, "class_names": list(task.class_names)}, "init": init}
 
     metrics_log = MetricsLog(output_dir / "metrics.jsonl")
-    resumed = restore_or_start(last, "finetune", cfg, model, optimizer, metrics_log, resume)
+    resumed = restore_or_start(last, "finetune", cfg, model, optimizer, metrics_log, resume, init=init)
     start_epoch, step = (resumed["epoch"], resumed["step"]) if resumed else (0, 0)
     best_score = resumed["extra"].get("best_score", -math.inf) if resumed else -math.inf
-    if resumed and resumed["extra"].get("init") != init:
-        raise ValueError(
-            f"{last}: cannot resume, the run started from {resumed['extra'].get('init')}, not {init}; "
-            "pass the same --encoder or start a new --output"
-        )
     log.info(
         "fine-tuning (%s, init %s) on %d labelled cases, lr %.3g, %d epochs",
         task.type, init, len(train_set), cfg.finetune_lr, f.epochs,

@@ -50,9 +50,11 @@ def restore_or_start(
     optimizer: torch.optim.Optimizer,
     metrics_log: MetricsLog,
     resume: bool,
+    init: str | None = None,
 ) -> dict[str, Any] | None:
     """Continue from ``last_checkpoint`` when resuming (weights, optimiser, log), else start clean.
 
+    ``init`` (fine-tuning: the encoder checkpoint or "random") must be what the run started from.
     Returns the checkpoint payload it resumed from (its ``epoch`` and ``step`` say where), or None.
     """
     if not (resume and last_checkpoint.exists()):
@@ -60,6 +62,12 @@ def restore_or_start(
         return None
     payload = load_checkpoint(last_checkpoint, expect_kind=kind)
     check_resume_config(payload["config"], cfg, last_checkpoint)
+    started_from = payload["extra"].get("init")
+    if init is not None and started_from != init:
+        raise ValueError(
+            f"{last_checkpoint}: cannot resume, the run started from {started_from}, not {init}; "
+            "pass the same --encoder or start a new --output"
+        )
     load_model_state(model, payload["model"], str(last_checkpoint))
     optimizer.load_state_dict(payload["optimizer"])
     metrics_log.truncate_after(payload["epoch"])

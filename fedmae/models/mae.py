@@ -17,6 +17,19 @@ from fedmae.models.pos_embed import sincos_pos_embed
 from fedmae.models.vit import LayerNorm, ViTEncoder, init_linear_and_norm
 
 
+def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(B, C, *S) -> (B, L, p^d * C) for 2D or 3D images; values ordered (p, ..., p, C) per patch."""
+    p, d = patch_size, imgs.ndim - 2
+    batch, channels, *sides = imgs.shape
+    grid = [s // p for s in sides]
+    # (B, C, g1, p, g2, p[, g3, p])
+    x = imgs.reshape(batch, channels, *[n for g in grid for n in (g, p)])
+    # -> (B, g1, g2[, g3], p, p[, p], C)
+    order = [0, *range(2, 2 + 2 * d, 2), *range(3, 3 + 2 * d, 2), 1]
+    x = x.permute(order)
+    return x.reshape(batch, math.prod(grid), p**d * channels)
+
+
 class MaskedAutoencoder(nn.Module):
     """MAE: ``forward(imgs) -> (loss, pred, mask)``.
 
@@ -64,15 +77,7 @@ class MaskedAutoencoder(nn.Module):
     # ---- patch space ----
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
         """(B, C, *S) -> (B, L, p^d * C); values ordered (p, ..., p, C) inside each patch."""
-        p, d = self.patch_size, self.spatial_dims
-        batch, channels, *sides = imgs.shape
-        grid = [s // p for s in sides]
-        # (B, C, g1, p, g2, p[, g3, p])
-        x = imgs.reshape(batch, channels, *[n for g in grid for n in (g, p)])
-        # -> (B, g1, g2[, g3], p, p[, p], C)
-        order = [0, *range(2, 2 + 2 * d, 2), *range(3, 3 + 2 * d, 2), 1]
-        x = x.permute(order)
-        return x.reshape(batch, math.prod(grid), p**d * channels)
+        return patchify(imgs, self.patch_size)
 
     def unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
         """(B, L, p^d * C) -> (B, C, *S): the inverse of ``patchify``."""
