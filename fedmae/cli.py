@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
+        if args.command == "data":
+            return args.run(args)
         cfg = load_config(args.config, args.set)
         return args.run(cfg, args)
     except (ConfigError, FileExistsError, ValueError) as err:
@@ -61,6 +63,19 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--split", choices=("test", "val"), default="test", help="which split to score (default: test)")
     command("demo", _demo, "pre-train, fine-tune and evaluate on the built-in data; compare with training from scratch",
             config_required=False)
+
+    data = commands.add_parser("data", help="look at a data set before training on it")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    inspect = data_commands.add_parser(
+        "inspect", help="counts, shapes, spacings, intensities, labels, sites and every problem found",
+        description="Check every file of a data set (a folder, an .npz file, or the data of an experiment YAML) "
+                    "and list what is in it and what is wrong. Exit status 1 when problems are found.")
+    inspect.add_argument("path", type=Path, help="data set folder / MedMNIST .npz, or an experiment YAML file")
+    inspect.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value (YAML only)")
+    inspect.add_argument("--modality", choices=("ct", "mri", "xray", "other"), help="what a plain NIfTI folder holds")
+    inspect.add_argument("--quick", action="store_true", help="read file headers only, not every voxel")
+    inspect.add_argument("--problems", type=Path, metavar="CSV", help="also write the problems to this CSV file")
+    inspect.set_defaults(run=_inspect)
     return parser
 
 
@@ -95,18 +110,18 @@ def _finetune(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
 
 def _evaluate(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
     from fedmae.checkpoint import load_checkpoint
-    from fedmae.data.datasets import load_sites, task_spec
+    from fedmae.data.cohort import load_cohort
     from fedmae.engine.finetune import evaluate_sites
     from fedmae.engine.loop import resolve_device
     from fedmae.models.factory import build_finetune_model
     from fedmae.models.state import load_model_state
 
     payload = load_checkpoint(args.checkpoint, expect_kind="finetune")
-    task = task_spec(cfg)
+    cohort = load_cohort(cfg)
     device = resolve_device(cfg.device)
-    model = build_finetune_model(cfg, task.num_outputs)
+    model = build_finetune_model(cfg, cohort.task.num_outputs)
     load_model_state(model, payload["model"], str(args.checkpoint))
-    report = evaluate_sites(model.to(device), load_sites(cfg), task, cfg, device, split=args.split)
+    report = evaluate_sites(model.to(device), cohort, cfg, device, split=args.split)
     out = args.output or args.checkpoint.parent
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"evaluation_{args.split}.json"
@@ -117,17 +132,17 @@ def _evaluate(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
 
 
 def _demo(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
-    from fedmae.data.datasets import load_sites
+    from fedmae.data.cohort import load_cohort
     from fedmae.engine.finetune import finetune
     from fedmae.engine.pretrain import pretrain
 
     root = _output(cfg, args, "").resolve()
-    sites = load_sites(cfg)
+    cohort = load_cohort(cfg, report_dir=root)
     resume = True  # rerunning the demo continues or reuses finished stages
-    pre = pretrain(cfg, root / "pretrain", resume=resume, sites=sites)
+    pre = pretrain(cfg, root / "pretrain", resume=resume, cohort=cohort)
     arms = {
-        "MAE self pre-trained": finetune(cfg, root / "finetune", encoder=pre.checkpoint, resume=resume, sites=sites),
-        "from scratch": finetune(cfg, root / "finetune-scratch", resume=resume, sites=sites),
+        "MAE self pre-trained": finetune(cfg, root / "finetune", encoder=pre.checkpoint, resume=resume, cohort=cohort),
+        "from scratch": finetune(cfg, root / "finetune-scratch", resume=resume, cohort=cohort),
     }
     summary = {
         "config": cfg.to_dict(),
@@ -142,6 +157,23 @@ def _demo(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
     print(_table({name: r.metrics for name, r in arms.items()}))
     print(f"outputs: {root} (summary.json; pretrain/, finetune/, finetune-scratch/ with checkpoints and metrics.jsonl)")
     return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from fedmae.data.inspect import inspect_config, inspect_path
+
+    if args.path.suffix in (".yaml", ".yml"):
+        cfg = load_config(args.path, args.set)
+        report, problems = inspect_config(cfg, quick=args.quick)
+    else:
+        report, problems = inspect_path(args.path, modality=args.modality, quick=args.quick)
+    print(report)
+    if args.problems is not None:
+        from fedmae.data.cohort import write_problems
+
+        write_problems(args.problems, problems)
+        print(f"problems written to {args.problems}")
+    return 1 if problems else 0
 
 
 def _print_report(report: dict[str, Any]) -> None:

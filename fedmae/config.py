@@ -50,15 +50,34 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: Literal["synthetic"] = "synthetic"  # built-in multi-hospital generator (no download)
-    num_sites: int = 3  # hospitals, each with its own scanner
-    cases_per_site: int = 60
-    image_size: tuple[int, ...] | None = None  # generated image size; None: model.img_size
-    heterogeneity: float = 1.0  # how much the sites' scanners differ (0: identical)
-    val_fraction: float = 0.15  # per site; for model selection
-    test_fraction: float = 0.25  # per site; for reporting only
-    normalize: Literal["zscore", "none"] = "zscore"  # per-image, per-channel intensity standardisation
-    flip_prob: float = 0.2  # training augmentation: random flip per axis (the paper: 0.2)
+    # Where the images come from: the built-in generator (no download), a Decathlon-style NIfTI
+    # folder, a folder of NIfTI files, the NIH ChestX-ray14 layout, or a MedMNIST .npz file.
+    source: Literal["synthetic", "decathlon", "nifti_folder", "chestxray14", "medmnist"] = "synthetic"
+    root: str | None = None  # the data set's folder (MedMNIST: the .npz file); relative to the working directory
+    manifest: str | None = None  # nifti_folder: CSV/JSON of image[, label, site, patient, split]; null: match images/ with labels/
+    modality: Literal["auto", "ct", "mri", "xray", "other"] = "auto"  # picks the preprocessing; auto: from the source
+    num_sites: int = 3  # built-in hospitals, or simulated sites when partition is not natural
+    cases_per_site: int = 60  # built-in data only
+    image_size: tuple[int, ...] | None = None  # built-in images / radiographs resized to this; null: model.img_size
+    heterogeneity: float = 1.0  # built-in data: how much the hospitals' scanners differ (0: identical)
+    partition: Literal["natural", "iid", "dirichlet", "quantity"] = "natural"  # how cases become sites
+    partition_beta: float = 0.5  # Dirichlet concentration for dirichlet (label skew) and quantity skew
+    val_fraction: float = 0.15  # per site; for model selection (when the source has no official validation)
+    test_fraction: float = 0.25  # per site; for reporting only (when the source has no official test)
+    split_file: str | None = None  # JSON of each site's train/val/test case ids: written if missing, else reused
+    use_unlabelled: bool = True  # pre-train also on images without labels (e.g. Decathlon imagesTs)
+    normalize: Literal["auto", "zscore", "zscore_nonzero", "window", "none"] = "auto"  # auto: CT window, MRI non-zero z-score, else z-score
+    spacing: tuple[float, ...] | None = None  # resample CT/MRI to this voxel size in mm; null: CT 1.5x1.5x2.0, MRI 1x1x1
+    resample: bool = True  # false: keep the voxel grid as stored
+    window: tuple[float, float] = (-175.0, 250.0)  # CT intensity window (HU) mapped to [0, 1]
+    crop_foreground: bool = True  # CT/MRI: crop each volume to its foreground (the body) first
+    flip_prob: float = 0.2  # random flip per axis, pre-training and fine-tuning (the paper: 0.2)
+    rotate_prob: float = 0.0  # fine-tuning: random 90-degree rotation in the first two axes (the paper, CT: 0.2)
+    intensity_prob: float = 0.0  # fine-tuning: random intensity scale and shift by 0.1 (the paper, CT: 0.1)
+    cache: Literal["memory", "disk", "none"] = "memory"  # keep preprocessed files in memory, on disk (cache_dir) or neither
+    cache_dir: str | None = None  # for cache: disk; shared by runs and simulated sites
+    check: Literal["full", "quick"] = "full"  # before training, read every file (full) or only headers (quick)
+    skip_bad_cases: bool = False  # leave out cases with problems (listed in bad_cases.csv) instead of stopping
     num_workers: int = 0
 
 
@@ -69,6 +88,10 @@ class TaskConfig:
     # usual choice for the task type: multi-label findings, exclusive organ classes.
     multi_label: bool | None = None
     hd95: bool = False  # segmentation: also compute the 95th-percentile Hausdorff distance (slow)
+    class_names: tuple[str, ...] | None = None  # name the outputs when the source does not (segmentation: background first)
+    # Sigmoid segmentation of overlapping regions, each a set of label values, e.g. BraTS (MSD labels
+    # 1 edema, 2 non-enhancing, 3 enhancing): {TC: [2, 3], WT: [1, 2, 3], ET: [3]}. null: one channel per class.
+    regions: dict[str, tuple[int, ...]] | None = None
 
 
 @dataclass
@@ -144,6 +167,8 @@ class ExperimentConfig:
 
     @property
     def multi_label(self) -> bool:
+        if self.task.regions is not None:
+            return True  # overlapping regions are one sigmoid channel each
         if self.task.multi_label is not None:
             return self.task.multi_label
         return self.task.type == "classification"
@@ -192,7 +217,17 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> ExperimentCo
         _apply_override(raw, item, path)
     cfg = _build(ExperimentConfig, raw, prefix="", source=str(path))
     validate(cfg, source=str(path))
-    return cfg
+    return _absolute_paths(cfg)
+
+
+PATH_KEYS = ("root", "manifest", "split_file", "cache_dir")
+
+
+def _absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Data paths relative to the working directory become absolute, so runs started elsewhere
+    (simulated sites, a resumed run) read the same files."""
+    paths = {k: str(Path(v).expanduser().absolute()) for k in PATH_KEYS if (v := getattr(cfg.data, k)) is not None}
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **paths))
 
 
 def config_from_dict(raw: Mapping[str, Any], source: str = "<dict>") -> ExperimentConfig:
@@ -254,6 +289,10 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
             except ConfigError:
                 continue
         fail()
+    if origin is dict:
+        if not isinstance(value, dict):
+            fail()
+        return {_coerce(k, args[0], key, source): _coerce(v, args[1], f"{key}.{k}", source) for k, v in value.items()}
     if origin is Literal:
         if value not in args:
             fail()
@@ -292,6 +331,8 @@ def _describe(hint: Any) -> str:
         return " or ".join("null" if a is type(None) else _describe(a) for a in args)
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in args)
+    if origin is dict:
+        return f"a mapping of {_describe(args[0])} to {_describe(args[1])}"
     if origin is tuple:
         if len(args) == 2 and args[1] is Ellipsis:
             return f"a list of {_describe(args[0])}"
@@ -364,23 +405,50 @@ def validate(cfg: ExperimentConfig, source: str) -> None:
         fail("data.image_size", f"needs {dims} sides for a {dims}D model, got {list(image_size)}")
     if any(s < c for s, c in zip(image_size, m.img_size)):
         fail("data.image_size", f"must be at least model.img_size {list(m.img_size)} on every side, got {list(image_size)}")
-    if any(s < 16 for s in image_size):
-        fail("data.image_size", f"the built-in generator needs sides of at least 16, got {list(image_size)}")
+    if d.source == "synthetic":
+        if any(s < 16 for s in image_size):
+            fail("data.image_size", f"the built-in generator needs sides of at least 16, got {list(image_size)}")
+        if d.cases_per_site < 4:
+            fail("data.cases_per_site", f"must be at least 4 (train, validation and test need cases), got {d.cases_per_site}")
+        if d.partition != "natural":
+            fail("data.partition", "the built-in data come from data.num_sites hospitals already; use natural")
+    elif d.root is None:
+        fail("data.root", f"the {d.source} source needs the data set's location")
+    if d.manifest is not None and d.source != "nifti_folder":
+        fail("data.manifest", "only the nifti_folder source reads a manifest")
     if d.num_sites < 1:
         fail("data.num_sites", f"must be at least 1, got {d.num_sites}")
-    if d.cases_per_site < 4:
-        fail("data.cases_per_site", f"must be at least 4 (train, validation and test need cases), got {d.cases_per_site}")
     if d.heterogeneity < 0:
         fail("data.heterogeneity", f"must be non-negative, got {d.heterogeneity}")
+    if d.partition_beta <= 0:
+        fail("data.partition_beta", f"must be positive, got {d.partition_beta}")
     for key in ("val_fraction", "test_fraction"):
         if not 0.0 < getattr(d, key) < 1.0:
             fail(f"data.{key}", f"must be strictly between 0 and 1, got {getattr(d, key)}")
     if d.val_fraction + d.test_fraction >= 0.9:
         fail("data.test_fraction", "val_fraction + test_fraction leave under 10% of cases for training")
-    if not 0.0 <= d.flip_prob <= 1.0:
-        fail("data.flip_prob", f"must be in [0, 1], got {d.flip_prob}")
+    if d.spacing is not None and (len(d.spacing) != dims or any(s <= 0 for s in d.spacing)):
+        fail("data.spacing", f"needs {dims} positive voxel sizes in mm, got {list(d.spacing)}")
+    if not d.window[0] < d.window[1]:
+        fail("data.window", f"needs [low, high] with low < high, got {list(d.window)}")
+    for key in ("flip_prob", "rotate_prob", "intensity_prob"):
+        if not 0.0 <= getattr(d, key) <= 1.0:
+            fail(f"data.{key}", f"must be in [0, 1], got {getattr(d, key)}")
+    if d.cache == "disk" and d.cache_dir is None:
+        fail("data.cache_dir", "cache: disk needs a folder for the preprocessed files")
     if d.num_workers < 0:
         fail("data.num_workers", f"must be non-negative, got {d.num_workers}")
+
+    t = cfg.task
+    if t.class_names is not None and (not t.class_names or len(set(t.class_names)) != len(t.class_names)):
+        fail("task.class_names", f"needs distinct names, got {list(t.class_names)}")
+    if t.regions is not None:
+        if t.type != "segmentation":
+            fail("task.regions", "regions are for segmentation")
+        if t.multi_label is False:
+            fail("task.multi_label", "regions overlap, so they need sigmoid outputs (multi_label true)")
+        if not t.regions or any(not values or min(values) < 1 for values in t.regions.values()):
+            fail("task.regions", "each region needs one or more foreground label values (>= 1)")
 
     for section in ("pretrain", "finetune"):
         s = getattr(cfg, section)

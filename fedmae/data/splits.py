@@ -22,16 +22,18 @@ class Split:
 def split_indices(num_cases: int, val_fraction: float, test_fraction: float, seed: int, site: str) -> Split:
     """Shuffle ``range(num_cases)`` with (seed, site) and cut it into train / val / test.
 
-    Validation and test get at least one case each, and training keeps at least one.
+    A split with a positive fraction gets at least one case, and training keeps at least one. A
+    fraction of 0 draws nothing (the data set has an official split of that kind).
     """
-    if num_cases < 3:
-        raise ValueError(f"site {site!r} has {num_cases} cases; train, validation and test need at least 3")
+    wanted = 1 + (val_fraction > 0) + (test_fraction > 0)
+    if num_cases < wanted:
+        raise ValueError(f"site {site!r} has {num_cases} case(s); train, validation and test need at least {wanted}")
     rng = np.random.default_rng([seed, zlib.crc32(site.encode())])
     order = rng.permutation(num_cases).tolist()
-    n_val = max(1, round(num_cases * val_fraction))
-    n_test = max(1, round(num_cases * test_fraction))
+    n_val = max(1, round(num_cases * val_fraction)) if val_fraction > 0 else 0
+    n_test = max(1, round(num_cases * test_fraction)) if test_fraction > 0 else 0
     if n_val + n_test >= num_cases:
-        n_val, n_test = 1, 1
+        n_val, n_test = int(val_fraction > 0), int(test_fraction > 0)
     test = order[:n_test]
     val = order[n_test : n_test + n_val]
     train = order[n_test + n_val :]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,17 +19,10 @@ from torch import nn
 
 from fedmae.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from fedmae.config import ExperimentConfig
-from fedmae.data.datasets import (
-    Case,
-    SiteData,
-    TaskSpec,
-    epoch_seed,
-    finetuning_dataset,
-    label_subset,
-    load_sites,
-    make_loader,
-    task_spec,
-)
+from fedmae.data.catalog import Case
+from fedmae.data.cohort import Cohort, load_cohort
+from fedmae.data.datasets import epoch_seed, finetuning_dataset, label_subset, make_loader
+from fedmae.data.tasks import TaskSpec
 from fedmae.engine.loop import MetricsLog, Schedule, resolve_device, seed_everything, train_one_epoch
 from fedmae.engine.optim import build_optimizer
 from fedmae.engine.pretrain import EpochCallback
@@ -69,7 +61,7 @@ def finetune(
     *,
     encoder: str | Path | None = None,
     resume: bool = False,
-    sites: Sequence[SiteData] | None = None,
+    cohort: Cohort | None = None,
     on_epoch_end: EpochCallback | None = None,
 ) -> RunResult:
     """Fine-tune on the labelled training cases of all sites (``finetune.label_fraction`` of them).
@@ -82,15 +74,17 @@ def finetune(
     last, best = output_dir / LAST, output_dir / BEST
     prepare_run_dir(output_dir, cfg, last, resume)
     device = resolve_device(cfg.device)
-    sites = load_sites(cfg) if sites is None else sites
-    task = task_spec(cfg)
+    cohort = load_cohort(cfg, report_dir=output_dir) if cohort is None else cohort
+    task = cohort.task
     f = cfg.finetune
 
     labelled: list[Case] = [
-        case for site in sites for case in label_subset(site.train, f.label_fraction, cfg.seed, site.name)
+        case for site in cohort.sites for case in label_subset(site.train, f.label_fraction, cfg.seed, site.name)
     ]
-    train_set = finetuning_dataset(labelled, task, cfg, train=True)
-    val_set = finetuning_dataset([c for s in sites for c in s.val], task, cfg, train=False)
+    if not labelled:
+        raise ValueError(f"{cohort.catalog.root}: no labelled training cases to fine-tune on")
+    train_set = finetuning_dataset(labelled, task, cfg, cohort.prep, train=True)
+    val_set = finetuning_dataset(cohort.cases("val"), task, cfg, cohort.prep, train=False)
     seed_everything(cfg.seed)  # same head/decoder initialisation for every arm of a comparison
     model = build_finetune_model(cfg, task.num_outputs)
     init = "random"
@@ -150,20 +144,20 @@ def finetune(
 
     payload = load_checkpoint(best, expect_kind="finetune")
     load_model_state(model, payload["model"], str(best))
-    report = evaluate_sites(model, sites, task, cfg, device, split="test")
+    report = evaluate_sites(model, cohort, cfg, device, split="test")
     report.update(selected_epoch=payload["epoch"], val=payload["metrics"]["val"], init=init)
     (output_dir / "test_metrics.json").write_text(json.dumps(report, indent=2))
     return RunResult(output_dir, best, report, watch.seconds)
 
 
-def evaluate_sites(
-    model: nn.Module, sites: Sequence[SiteData], task: TaskSpec, cfg: ExperimentConfig, device: torch.device, split: str
-) -> dict[str, Any]:
+def evaluate_sites(model: nn.Module, cohort: Cohort, cfg: ExperimentConfig, device: torch.device, split: str) -> dict[str, Any]:
     """Metrics on one split, pooled over all sites and per site."""
-    pooled = _evaluate(model, finetuning_dataset([c for s in sites for c in getattr(s, split)], task, cfg, False), task, cfg, device)
+    task, prep = cohort.task, cohort.prep
+    pooled = _evaluate(model, finetuning_dataset(cohort.cases(split), task, cfg, prep, False), task, cfg, device)
     per_site = {
-        site.name: _evaluate(model, finetuning_dataset(getattr(site, split), task, cfg, False), task, cfg, device)
-        for site in sites
+        site.name: _evaluate(model, finetuning_dataset(site.split(split), task, cfg, prep, False), task, cfg, device)
+        for site in cohort.sites
+        if site.split(split)
     }
     return {"split": split, "pooled": pooled, "sites": per_site}
 

@@ -13,13 +13,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from fedmae.checkpoint import load_checkpoint, save_checkpoint
 from fedmae.config import ExperimentConfig
-from fedmae.data.datasets import SiteData, epoch_seed, load_sites, make_loader, pretraining_dataset
+from fedmae.data.cohort import Cohort, SiteData, load_cohort
+from fedmae.data.datasets import ImageSource, epoch_seed, make_loader, pretraining_dataset
 from fedmae.engine.loop import MetricsLog, Schedule, autocast, resolve_device, seed_everything, train_one_epoch
 from fedmae.engine.optim import build_optimizer
 from fedmae.engine.runs import RunResult, Stopwatch, prepare_run_dir, restore_or_start
@@ -78,9 +78,11 @@ def reconstruction_loss(model: MaskedAutoencoder, dataset: Dataset, cfg: Experim
     return total / max(count, 1)
 
 
-def site_images(sites: Sequence[SiteData], split: str) -> list[np.ndarray]:
-    """The images of one split of every site: the only thing pre-training reads."""
-    return [case.image for site in sites for case in getattr(site, split)]
+def site_images(sites: Sequence[SiteData], split: str) -> list[ImageSource]:
+    """The images of one split of every site: the only thing pre-training reads. Training also
+    uses the images that have no labels."""
+    extra = "unlabelled" if split == "train" else None
+    return [case.image for site in sites for name in (split, extra) if name for case in site.split(name)]
 
 
 def pretrain(
@@ -88,18 +90,21 @@ def pretrain(
     output_dir: str | Path,
     *,
     resume: bool = False,
-    sites: Sequence[SiteData] | None = None,
+    cohort: Cohort | None = None,
     on_epoch_end: EpochCallback | None = None,
 ) -> RunResult:
-    """Pre-train an MAE on the pooled training images of all sites; returns the last checkpoint."""
+    """Pre-train an MAE on the pooled training images of all sites; returns the last checkpoint.
+
+    ``cohort``: the data, already loaded (else loaded from the config, with its reports written
+    to ``output_dir``)."""
     watch = Stopwatch()
     output_dir = Path(output_dir)
     last = output_dir / LAST
     prepare_run_dir(output_dir, cfg, last, resume)
     device = resolve_device(cfg.device)
-    sites = load_sites(cfg) if sites is None else sites
-    train_set = pretraining_dataset(site_images(sites, "train"), cfg, train=True)
-    val_set = pretraining_dataset(site_images(sites, "val"), cfg, train=False)
+    cohort = load_cohort(cfg, report_dir=output_dir) if cohort is None else cohort
+    train_set = pretraining_dataset(site_images(cohort.sites, "train"), cfg, cohort.prep, train=True)
+    val_set = pretraining_dataset(site_images(cohort.sites, "val"), cfg, cohort.prep, train=False)
 
     seed_everything(cfg.seed)  # the initial weights are part of the run's reproducibility
     model = build_mae(cfg).to(device)

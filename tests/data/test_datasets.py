@@ -8,15 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from fedmae.data.datasets import (
-    epoch_seed,
-    finetuning_dataset,
-    label_subset,
-    load_sites,
-    make_loader,
-    target_of,
-    task_spec,
-)
+from fedmae.data.cohort import load_cohort
+from fedmae.data.datasets import epoch_seed, finetuning_dataset, label_subset, make_loader
+from fedmae.data.tasks import label_to_channels, target_of
 from fedmae.data.splits import split_indices
 from fedmae.data.synthetic import FINDINGS, ORGANS
 from fedmae.engine.pretrain import pretrain
@@ -37,7 +31,7 @@ def test_splits_are_disjoint_complete_and_reproducible(n, val, test):
 
 def test_sites_have_their_own_scanners_and_splits():
     cfg = tiny_config(2, data={"num_sites": 3, "cases_per_site": 10})
-    sites = load_sites(cfg)
+    sites = load_cohort(cfg).sites
     assert [s.name for s in sites] == ["site-0", "site-1", "site-2"]
     for site in sites:
         ids = [c.case_id for c in site.train + site.val + site.test]
@@ -54,9 +48,12 @@ def test_sites_have_their_own_scanners_and_splits():
 ])
 def test_targets_per_task(task, multi, shape, names):
     cfg = tiny_config(2, task, task={"multi_label": multi})
-    spec = task_spec(cfg)
-    case = load_sites(cfg)[0].train[0]
+    cohort = load_cohort(cfg)
+    spec = cohort.task
+    case = cohort.sites[0].train[0]
     target = target_of(case, spec)
+    if task == "segmentation":  # the class map enters the pipeline; channels are made after cropping
+        target = label_to_channels(spec)(target).numpy()
     assert target.shape == shape and spec.class_names == tuple(names)
     if task == "segmentation" and not multi:
         assert np.array_equal(target[0], case.label)
@@ -65,7 +62,7 @@ def test_targets_per_task(task, multi, shape, names):
 
 
 def test_multiclass_target_is_first_finding_or_none():
-    spec = task_spec(tiny_config(2, task={"multi_label": False}))
+    spec = load_cohort(tiny_config(2, task={"multi_label": False})).task
 
     @dataclass
     class Stub:
@@ -93,20 +90,19 @@ class LabelTrap:
 
 def test_pretraining_never_reads_labels(tmp_path):
     cfg = tiny_config(2, pretrain={"epochs": 1, "warmup_epochs": 0})
-    sites = load_sites(cfg)
-    for site in sites:
+    cohort = load_cohort(cfg)
+    for site in cohort.sites:
         site.train = [LabelTrap(c) for c in site.train]
         site.val = [LabelTrap(c) for c in site.val]
         site.test = [LabelTrap(c) for c in site.test]
-    result = pretrain(cfg, tmp_path, sites=sites)
+    result = pretrain(cfg, tmp_path, cohort=cohort)
     assert result.metrics["epoch"] == 1
 
 
 def test_loader_order_and_augmentation_are_fixed_by_the_seed():
     cfg = tiny_config(2, data={"image_size": [40, 40], "flip_prob": 0.5})
-    spec = task_spec(cfg)
-    cases = load_sites(cfg)[0].train
-    dataset = finetuning_dataset(cases, spec, cfg, train=True)
+    cohort = load_cohort(cfg)
+    dataset = finetuning_dataset(cohort.sites[0].train, cohort.task, cfg, cohort.prep, train=True)
 
     def first_batch(seed):
         return next(iter(make_loader(dataset, 4, seed, shuffle=True)))["image"]
@@ -118,7 +114,8 @@ def test_loader_order_and_augmentation_are_fixed_by_the_seed():
 
 def test_zscore_normalisation_per_image():
     cfg = tiny_config(2)
-    dataset = finetuning_dataset(load_sites(cfg)[1].val, task_spec(cfg), cfg, train=False)
+    cohort = load_cohort(cfg)
+    dataset = finetuning_dataset(cohort.sites[1].val, cohort.task, cfg, cohort.prep, train=False)
     image = dataset[0]["image"]
     assert isinstance(image, torch.Tensor) and type(image) is torch.Tensor  # plain tensor, not MetaTensor
     assert abs(float(image.mean())) < 0.2 and 0.8 < float(image.std()) < 1.2
@@ -126,7 +123,8 @@ def test_zscore_normalisation_per_image():
 
 def test_segmentation_evaluation_keeps_whole_images():
     cfg = tiny_config(2, "segmentation", data={"image_size": [40, 48]})  # softmax: one class map
-    dataset = finetuning_dataset(load_sites(cfg)[0].val, task_spec(cfg), cfg, train=False)
+    cohort = load_cohort(cfg)
+    dataset = finetuning_dataset(cohort.sites[0].val, cohort.task, cfg, cohort.prep, train=False)
     item = dataset[0]
     assert item["image"].shape == (1, 40, 48) and item["label"].shape == (1, 40, 48)
 
@@ -143,9 +141,10 @@ def test_label_subset_is_reproducible_and_keeps_one():
 @pytest.mark.parametrize("task_type", ["classification", "segmentation"])
 def test_transforms_leave_the_source_images_untouched(task_type):
     cfg = tiny_config(2, task_type, data={"image_size": [40, 40], "flip_prob": 1.0})
-    cases = load_sites(cfg)[0].train
+    cohort = load_cohort(cfg)
+    cases = cohort.sites[0].train
     before = [c.image.copy() for c in cases]
-    dataset = finetuning_dataset(cases, task_spec(cfg), cfg, train=True)
+    dataset = finetuning_dataset(cases, cohort.task, cfg, cohort.prep, train=True)
     for i in range(len(dataset)):
         dataset[i]
     assert all(np.array_equal(b, c.image) for b, c in zip(before, cases))

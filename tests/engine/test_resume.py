@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fedmae.checkpoint import load_checkpoint
-from fedmae.data.datasets import load_sites
+from fedmae.data.cohort import load_cohort
 from fedmae.engine.finetune import finetune
 from fedmae.engine.loop import MetricsLog
 from fedmae.engine.pretrain import pretrain
@@ -39,13 +39,13 @@ def losses(path):
 @pytest.mark.parametrize("dims", [2, 3])
 def test_pretraining_resumes_to_identical_weights(tmp_path, dims):
     cfg = tiny_config(dims, data={"image_size": [40] * dims, "flip_prob": 0.5}, pretrain={"epochs": 3})
-    sites = load_sites(cfg)
-    straight = pretrain(cfg, tmp_path / "straight", sites=sites)
+    cohort = load_cohort(cfg)
+    straight = pretrain(cfg, tmp_path / "straight", cohort=cohort)
     with pytest.raises(Killed):
-        pretrain(cfg, tmp_path / "resumed", sites=sites, on_epoch_end=kill_after(2))
+        pretrain(cfg, tmp_path / "resumed", cohort=cohort, on_epoch_end=kill_after(2))
     with pytest.raises(FileExistsError, match="--resume"):
-        pretrain(cfg, tmp_path / "resumed", sites=sites)  # never silently overwrite a run
-    resumed = pretrain(cfg, tmp_path / "resumed", sites=sites, resume=True)
+        pretrain(cfg, tmp_path / "resumed", cohort=cohort)  # never silently overwrite a run
+    resumed = pretrain(cfg, tmp_path / "resumed", cohort=cohort, resume=True)
     assert_same_weights(straight.checkpoint, resumed.checkpoint)
     assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")
     assert load_checkpoint(resumed.checkpoint)["epoch"] == 3
@@ -53,12 +53,12 @@ def test_pretraining_resumes_to_identical_weights(tmp_path, dims):
 
 def test_finetuning_resumes_to_identical_weights(tmp_path):
     cfg = tiny_config(2, "segmentation", finetune={"epochs": 3})
-    sites = load_sites(cfg)
-    encoder = pretrain(cfg, tmp_path / "pre", sites=sites).checkpoint
-    straight = finetune(cfg, tmp_path / "straight", encoder=encoder, sites=sites)
+    cohort = load_cohort(cfg)
+    encoder = pretrain(cfg, tmp_path / "pre", cohort=cohort).checkpoint
+    straight = finetune(cfg, tmp_path / "straight", encoder=encoder, cohort=cohort)
     with pytest.raises(Killed):
-        finetune(cfg, tmp_path / "resumed", encoder=encoder, sites=sites, on_epoch_end=kill_after(1))
-    resumed = finetune(cfg, tmp_path / "resumed", encoder=encoder, sites=sites, resume=True)
+        finetune(cfg, tmp_path / "resumed", encoder=encoder, cohort=cohort, on_epoch_end=kill_after(1))
+    resumed = finetune(cfg, tmp_path / "resumed", encoder=encoder, cohort=cohort, resume=True)
     for name in ("checkpoint_last.pt", "checkpoint_best.pt"):
         assert_same_weights(tmp_path / "straight" / name, tmp_path / "resumed" / name)
     assert straight.metrics["pooled"] == resumed.metrics["pooled"]
@@ -66,19 +66,19 @@ def test_finetuning_resumes_to_identical_weights(tmp_path):
 
 def test_resume_refuses_a_changed_config(tmp_path):
     cfg = tiny_config(2, pretrain={"epochs": 2})
-    sites = load_sites(cfg)
+    cohort = load_cohort(cfg)
     with pytest.raises(Killed):
-        pretrain(cfg, tmp_path, sites=sites, on_epoch_end=kill_after(1))
+        pretrain(cfg, tmp_path, cohort=cohort, on_epoch_end=kill_after(1))
     changed = tiny_config(2, pretrain={"epochs": 2, "base_lr": 0.5})
     with pytest.raises(ValueError, match="config differs .* pretrain.base_lr"):
-        pretrain(changed, tmp_path, sites=sites, resume=True)
+        pretrain(changed, tmp_path, cohort=cohort, resume=True)
 
 
 def test_finetune_resume_refuses_another_encoder(tmp_path):
     cfg = tiny_config(2, finetune={"epochs": 2})
-    sites = load_sites(cfg)
-    encoder = pretrain(cfg, tmp_path / "pre", sites=sites).checkpoint
+    cohort = load_cohort(cfg)
+    encoder = pretrain(cfg, tmp_path / "pre", cohort=cohort).checkpoint
     with pytest.raises(Killed):
-        finetune(cfg, tmp_path / "ft", encoder=encoder, sites=sites, on_epoch_end=kill_after(1))
+        finetune(cfg, tmp_path / "ft", encoder=encoder, cohort=cohort, on_epoch_end=kill_after(1))
     with pytest.raises(ValueError, match="cannot resume, the run started from .*checkpoint_last.pt, not random"):
-        finetune(cfg, tmp_path / "ft", sites=sites, resume=True)
+        finetune(cfg, tmp_path / "ft", cohort=cohort, resume=True)

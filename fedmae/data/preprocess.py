@@ -1,0 +1,185 @@
+"""Preprocessing and augmentation as MONAI dictionary transforms, per modality, as the paper does.
+
+Two stages. The deterministic stage turns a file (or an in-memory array) into a normalised tensor
+on the working voxel grid: load, orient to RAS, resample, window or standardise the intensities,
+crop to the foreground, pad to at least the model's input. Its output is what gets cached
+(:func:`cached_dataset`), so a 3-D volume is decoded and resampled once, not every epoch. The
+random stage then draws the training crop and augmentations from the cached tensor.
+
+| modality | resample (default) | intensity | foreground crop |
+|---|---|---|---|
+| ct | 1.5 x 1.5 x 2.0 mm | window -175..250 HU -> [0, 1] | yes |
+| mri | 1 mm isotropic | z-score per channel over non-zero voxels | yes |
+| xray | resize to data.image_size (grey) | z-score per image | no |
+| other | none | z-score per image | no |
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from monai.data import CacheDataset, Dataset, PersistentDataset
+from monai.transforms import (
+    CenterSpatialCropd,
+    Compose,
+    CropForegroundd,
+    EnsureTyped,
+    Lambdad,
+    LoadImaged,
+    NormalizeIntensityd,
+    Orientationd,
+    RandFlipd,
+    RandRotate90d,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    RandSpatialCropd,
+    Resized,
+    ScaleIntensityRanged,
+    Spacingd,
+    SpatialPadd,
+)
+
+if TYPE_CHECKING:
+    from fedmae.config import ExperimentConfig
+    from fedmae.data.catalog import Catalog
+
+DEFAULT_SPACING = {"ct": (1.5, 1.5, 2.0), "mri": (1.0, 1.0, 1.0)}
+DEFAULT_NORMALIZE = {"ct": "window", "mri": "zscore_nonzero", "xray": "zscore", "other": "zscore"}
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """The deterministic steps for one data set, resolved from the config and the catalogue."""
+
+    modality: str
+    spatial_dims: int
+    from_files: bool
+    normalize: str  # window | zscore | zscore_nonzero | none
+    spacing: tuple[float, ...] | None  # None: keep the stored voxel grid
+    window: tuple[float, float]
+    crop_foreground: bool
+    resize: tuple[int, ...] | None  # 2-D pictures are resized to this
+    min_size: tuple[int, ...]  # pad to at least the model input
+
+    def key(self) -> str:
+        """A short digest: disk caches of different preprocessing never mix."""
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def resolve_preprocessing(cfg: ExperimentConfig, catalog: Catalog) -> Preprocessing:
+    d = cfg.data
+    modality = catalog.modality if d.modality == "auto" else d.modality
+    from_files = bool(catalog.cases) and not catalog.cases[0].in_memory
+    volumetric = from_files and catalog.spatial_dims == 3 and modality in ("ct", "mri")
+    spacing = None
+    if volumetric and d.resample:
+        spacing = d.spacing or DEFAULT_SPACING[modality]
+    return Preprocessing(
+        modality=modality,
+        spatial_dims=catalog.spatial_dims,
+        from_files=from_files,
+        normalize=DEFAULT_NORMALIZE[modality] if d.normalize == "auto" else d.normalize,
+        spacing=tuple(spacing) if spacing else None,
+        window=tuple(d.window),
+        crop_foreground=volumetric and d.crop_foreground,
+        resize=tuple(cfg.data_image_size) if from_files and catalog.spatial_dims == 2 else None,
+        min_size=tuple(cfg.model.img_size),
+    )
+
+
+def load_steps(keys: Sequence[str], prep: Preprocessing) -> list:
+    """Deterministic steps: file or array -> normalised (C, *S) tensor, at least the model input."""
+    keys = list(keys)
+    has_label = "label" in keys
+    steps: list = []
+    if prep.from_files:
+        steps.append(LoadImaged(keys=keys, image_only=True, ensure_channel_first=True))
+        if prep.spatial_dims == 2:
+            steps.append(Lambdad(keys="image", func=to_grey))
+        if prep.spatial_dims == 3:
+            steps.append(Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))))
+        if prep.spatial_dims == 3 and prep.spacing is not None:
+            steps.append(Spacingd(keys=keys, pixdim=prep.spacing, mode=["bilinear", "nearest"][: len(keys)]))
+    else:
+        # A fresh copy: MONAI's intensity transforms work in place and would otherwise rewrite the
+        # source arrays (and so every later epoch and stage) on each access.
+        steps.append(Lambdad(keys=keys, func=_fresh_tensor))
+    if prep.normalize == "window":
+        lo, hi = prep.window
+        steps.append(ScaleIntensityRanged(keys="image", a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True))
+    if prep.crop_foreground:
+        # After windowing, air is 0 and the body is above it; raw MRI background is 0 too.
+        steps.append(CropForegroundd(keys=keys, source_key="image", allow_smaller=True))
+    if prep.normalize == "zscore":
+        # Whole-image statistics before cropping, so a crop and the full image share one scale.
+        steps.append(NormalizeIntensityd(keys="image", channel_wise=True))
+    elif prep.normalize == "zscore_nonzero":
+        steps.append(NormalizeIntensityd(keys="image", channel_wise=True, nonzero=True))
+    if prep.resize is not None:
+        modes = ["area", "nearest"] if has_label else ["area"]
+        steps.append(Resized(keys=keys, spatial_size=list(prep.resize), mode=modes))
+    steps.append(SpatialPadd(keys=keys, spatial_size=list(prep.min_size)))
+    # Plain tensors from here: cacheable with weights_only loading, and no MetaTensor bookkeeping.
+    steps.append(EnsureTyped(keys=keys, data_type="tensor", dtype=torch.float32, track_meta=False))
+    return steps
+
+
+def augment_steps(keys: Sequence[str], cfg: ExperimentConfig, mode: str, finetuning: bool) -> list:
+    """Random (or centre) crop of the model's input size, then the training augmentations.
+
+    ``mode``: "train" (random crop + flips; fine-tuning adds 90-degree rotations and intensity
+    scale/shift), "centre" (centre crop) or "whole" (no crop: sliding-window evaluation).
+    """
+    keys = list(keys)
+    # MONAI's spatial transforms hand back MetaTensors; the model wants plain tensors.
+    plain = EnsureTyped(keys=keys, data_type="tensor", track_meta=False)
+    d = cfg.data
+    roi = list(cfg.model.img_size)
+    if mode == "centre":
+        return [CenterSpatialCropd(keys=keys, roi_size=roi), plain]
+    if mode == "whole":
+        return [plain]
+    steps: list = [RandSpatialCropd(keys=keys, roi_size=roi, random_size=False)]
+    if d.flip_prob:
+        steps += [RandFlipd(keys=keys, prob=d.flip_prob, spatial_axis=a) for a in range(cfg.spatial_dims)]
+    if finetuning and d.rotate_prob and roi[0] == roi[1]:
+        steps.append(RandRotate90d(keys=keys, prob=d.rotate_prob, max_k=3, spatial_axes=(0, 1)))
+    if finetuning and d.intensity_prob:
+        steps.append(RandScaleIntensityd(keys="image", factors=0.1, prob=d.intensity_prob))
+        steps.append(RandShiftIntensityd(keys="image", offsets=0.1, prob=d.intensity_prob))
+    return [*steps, plain]
+
+
+def cached_dataset(items: list[dict[str, Any]], steps: list, cfg: ExperimentConfig, prep: Preprocessing) -> Dataset:
+    """A dataset over ``items`` whose deterministic steps run once per item when caching is on.
+
+    MONAI's caches stop at the first random transform, so the loaded, resampled, normalised
+    tensor is kept (in memory, or on disk under ``data.cache_dir``, shared by runs and sites) and
+    only crops and augmentations run per epoch. In-memory sources need no cache.
+    """
+    transform = Compose(steps)
+    if not prep.from_files or cfg.data.cache == "none":
+        return Dataset(items, transform=transform)
+    if cfg.data.cache == "disk":
+        folder = Path(cfg.data.cache_dir) / prep.key()
+        folder.mkdir(parents=True, exist_ok=True)
+        return PersistentDataset(items, transform=transform, cache_dir=folder)
+    return CacheDataset(items, transform=transform, num_workers=max(1, cfg.data.num_workers), progress=False)
+
+
+def to_grey(image: torch.Tensor) -> torch.Tensor:
+    """Radiographs are grey: average colour channels and drop an alpha channel."""
+    if image.shape[0] in (3, 4):
+        return image[:3].float().mean(dim=0, keepdim=True)
+    return image
+
+
+def _fresh_tensor(array: np.ndarray | torch.Tensor) -> torch.Tensor:
+    return torch.tensor(np.asarray(array))
