@@ -67,9 +67,10 @@ def scan(
     """Open every case's files; return their statistics and every problem found.
 
     ``channels``: the image channels the model expects; ``num_classes``: label values must lie in
-    0 .. num_classes - 1.
+    0 .. num_classes - 1 (default: the classes the catalogue declares).
     """
     cases = catalog.cases if cases is None else cases
+    num_classes = num_classes if num_classes is not None else (len(catalog.seg_classes) or None)
     result = ScanResult()
 
     def check(case: Case) -> tuple[CaseStats | None, list[Problem]]:

@@ -272,10 +272,10 @@ def _primary_label(cases: list[Case], catalog: Catalog) -> str:
 
 
 def _sites(cases: list[Case], assignment: dict[str, tuple[str, str]]) -> list[SiteData]:
-    sites: dict[str, SiteData] = {}
+    # Sites in the order the partition (or split file) gives them; cases in catalogue order.
+    sites = {name: SiteData(name, [], [], []) for name, _ in assignment.values()}
     for case in cases:
         site, split = assignment[case.case_id]
-        sites.setdefault(site, SiteData(site, [], [], []))
         sites[site].split(split).append(case)
     for site in sites.values():
         if not site.train and not site.unlabelled:

@@ -20,8 +20,12 @@ LIST_SPLITS = {"training": None, "validation": "val", "test": "test"}
 
 
 def read_decathlon(root: str | Path) -> Catalog:
+    """``root``: the data set's folder (with dataset.json), or its index file itself (e.g. MONAI's
+    BTCV ``dataset_0.json``); paths in the index are relative to the index's folder."""
     root = Path(root)
     index = root / "dataset.json"
+    if root.suffix == ".json" and root.is_file():
+        root, index = root.parent, root
     if not root.is_dir():
         raise DataError(f"{root}: not a folder (data.root should be the Decathlon data set's folder)")
     if not index.is_file():
@@ -66,12 +70,17 @@ def _case(root: Path, index: Path, list_name: str, position: int, entry: Any, sp
     where = f"{list_name}[{position}]"
     if isinstance(entry, str):
         entry = {"image": entry}
-    if not isinstance(entry, dict) or "image" not in entry:
-        problems.append(Problem(str(index), f"{where} needs an 'image' path"))
+    images = entry.get("image") if isinstance(entry, dict) else None
+    images = images if isinstance(images, list) else [images]
+    if not images or not all(isinstance(p, str) and p for p in images):
+        problems.append(Problem(str(index), f"{where} needs an 'image' path (or a list of paths)"))
         return None
-    images = entry["image"] if isinstance(entry["image"], list) else [entry["image"]]
     image_paths = [resolve_path(root, p) for p in images]
-    label_path = resolve_path(root, entry["label"]) if entry.get("label") else None
+    label = entry.get("label")
+    if label is not None and not isinstance(label, str):
+        problems.append(Problem(str(index), f"{where}: 'label' must be one path, got {label!r}"))
+        return None
+    label_path = resolve_path(root, label) if label else None
     case_id = str(entry.get("case_id") or nifti_stem(images[0]))
     missing = [p for p in [*image_paths, label_path] if p is not None and not p.is_file()]
     for path in missing:
@@ -85,8 +94,8 @@ def _case(root: Path, index: Path, list_name: str, position: int, entry: Any, sp
         case_id=case_id,
         image=str(image_paths[0]) if len(image_paths) == 1 else tuple(map(str, image_paths)),
         label=str(label_path) if label_path else None,
-        site=str(entry.get("site", "")),
-        patient=str(entry.get("patient", "")),
+        site=str(entry.get("site") or ""),
+        patient=str(entry.get("patient") or ""),
         split=split,
     )
 

@@ -46,9 +46,9 @@ def read_nifti_folder(root: str | Path, manifest: str | Path | None = None, moda
 
 
 def _from_folders(folder: Path, site: str, problems: list[Problem]) -> list[Case]:
-    images = sorted(p for p in (folder / "images").iterdir() if is_nifti(p.name))
+    images = sorted(p for p in (folder / "images").iterdir() if _is_volume(p))
     labels_dir = folder / "labels"
-    labels = {nifti_stem(p.name): p for p in labels_dir.iterdir() if is_nifti(p.name)} if labels_dir.is_dir() else {}
+    labels = {nifti_stem(p.name): p for p in labels_dir.iterdir() if _is_volume(p)} if labels_dir.is_dir() else {}
     cases, matched = [], set()
     for image in images:
         stem = nifti_stem(image.name)
@@ -59,10 +59,15 @@ def _from_folders(folder: Path, site: str, problems: list[Problem]) -> list[Case
         cases.append(Case(case_id=_prefixed(site, case_id), image=str(image), label=str(label) if label else None, site=site))
     for stem, label in labels.items():
         if label not in matched:
-            problems.append(Problem(str(label), f"label map has no image of the same name in {folder / 'images'}", stem))
+            problems.append(Problem(str(label), f"label map has no image of the same name in {folder / 'images'}", _prefixed(site, stem)))
     if not images:
         problems.append(Problem(str(folder / "images"), "holds no .nii or .nii.gz files"))
     return cases
+
+
+def _is_volume(path: Path) -> bool:
+    # Hidden files include the "._name.nii.gz" resource forks macOS leaves in copied archives.
+    return is_nifti(path.name) and not path.name.startswith(".")
 
 
 def _prefixed(site: str, case_id: str) -> str:

@@ -75,6 +75,8 @@ def detect_source(path: str | Path) -> str:
     path = Path(path)
     if path.is_file() and path.suffix == ".npz":
         return "medmnist"
+    if path.is_file() and path.suffix == ".json":
+        return "decathlon"  # a Decathlon-style index such as MONAI's dataset_0.json
     if not path.is_dir():
         raise DataError(f"{path}: no such folder or .npz file")
     if (path / "dataset.json").is_file():

@@ -206,3 +206,93 @@ def write_decathlon(
     }
     (root / "dataset.json").write_text(json.dumps(meta, indent=4))
     return root
+
+
+def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray | None = None) -> Path:
+    """Save ``data`` (its dtype kept) as a NIfTI file at ``path``, creating folders; identity affine by default."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.asarray(data), np.eye(4) if affine is None else affine), path)
+    return path
+
+
+def plant_faults(root: Path) -> dict[str, str]:
+    """Damage a CT folder written by ``write_decathlon`` by hand: one fault per case, seven cases.
+
+    Requires a CT set (one channel, label values 0..2) with at least 6 training and 2 test cases:
+    ``write_decathlon(root)`` with its defaults is enough; extra cases stay clean. The faults go to
+    the cases in dataset.json order (dataset.json itself is not touched):
+
+    - training[0]: image file deleted -> ``read_decathlon`` reports it and drops the case;
+    - training[1]: image .nii.gz truncated to half its bytes (only a full scan reads that far);
+    - training[2]: label replaced by one whose first axis is halved (shape mismatch);
+    - training[3]: label with the same voxels but its affine moved +5 mm along x;
+    - training[4]: one label voxel set to 7 (only a full scan with ``num_classes=3`` sees it);
+    - training[5]: label replaced by the text "not a nifti";
+    - test[0]: image rewritten as float32 with 3 NaN voxels (only a full scan sees it).
+
+    Returns ``{path of the damaged file relative to root: fragment of the expected message}``, e.g.
+    ``"imagesTr/abdomen_000.nii.gz": "does not exist"``. Each fault gives exactly one problem (from
+    ``read_decathlon`` for the deleted file, from ``scan(..., num_classes=3)`` for the others) whose
+    ``path`` is ``root / key`` and whose ``case_id`` is the key's file stem. The untouched files of
+    the damaged cases (the image of a case with a bad label, and so on) stay valid.
+    """
+    root = Path(root)
+    meta = json.loads((root / "dataset.json").read_text())
+    training, test = meta["training"], meta["test"]
+    if len(training) < 6 or len(test) < 2 or len(meta["modality"]) != 1:
+        raise ValueError("plant_faults needs a CT set from write_decathlon with >= 6 training and >= 2 test cases")
+
+    def rel(entry: str | dict, key: str = "image") -> str:
+        return Path(entry if isinstance(entry, str) else entry[key]).as_posix()
+
+    faults: dict[str, str] = {}
+
+    # (a) a listed image that is gone
+    gone = rel(training[0])
+    (root / gone).unlink()
+    faults[gone] = "image listed in dataset.json (training[0]) does not exist"
+
+    # (b) a truncated image: the header survives, the voxels do not
+    truncated = rel(training[1])
+    data = (root / truncated).read_bytes()
+    (root / truncated).write_bytes(data[: len(data) // 2])
+    faults[truncated] = "cannot be read as NIfTI"
+
+    # (c) a label map of another shape
+    reshaped = rel(training[2], "label")
+    image = nib.load(root / rel(training[2]))
+    shape = list(image.shape)
+    small = [shape[0] // 2, *shape[1:]]
+    nib.save(nib.Nifti1Image(np.zeros(small, np.uint8), image.affine), root / reshaped)
+    faults[reshaped] = f"label shape {small} does not match image shape {shape}"
+
+    # (d) the right voxels on a grid moved 5 mm
+    moved = rel(training[3], "label")
+    label = nib.load(root / moved)
+    affine = label.affine.copy()
+    affine[0, 3] += 5.0
+    nib.save(nib.Nifti1Image(np.asarray(label.dataobj).astype(np.uint8), affine), root / moved)
+    faults[moved] = "label affine differs from the image's by up to 5 mm"
+
+    # (e) a label value outside the three declared classes
+    outside = rel(training[4], "label")
+    label = nib.load(root / outside)
+    values = np.asarray(label.dataobj).astype(np.uint8)
+    values[0, 0, 0] = 7
+    nib.save(nib.Nifti1Image(values, label.affine), root / outside)
+    faults[outside] = "label values [7] are outside the declared classes 0..2"
+
+    # (f) not a number in an (unlabelled) test image
+    nan_image = rel(test[0])
+    image = nib.load(root / nan_image)
+    volume = np.asarray(image.dataobj).astype(np.float32)
+    volume.flat[[0, 17, 101]] = np.nan
+    nib.save(nib.Nifti1Image(volume, image.affine), root / nan_image)
+    faults[nan_image] = "has 3 NaN/Inf intensity value(s)"
+
+    # (g) not a NIfTI file at all
+    text = rel(training[5], "label")
+    (root / text).write_text("not a nifti")
+    faults[text] = "the file is damaged or not NIfTI"
+    return faults
