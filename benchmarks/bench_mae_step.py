@@ -20,7 +20,6 @@ import json
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,6 +27,9 @@ from pathlib import Path
 import torch
 from monai.networks.nets import MaskedAutoEncoderViT
 from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere in the checkout
+from benchmarks.memory import with_peak_rss  # noqa: E402
 
 from fedmae.models import MaskedAutoencoder, ViTEncoder
 from fedmae.models.mae import patchify
@@ -126,27 +128,13 @@ def cpu_peak_rss_growth_mb(kind: str, s: Setup, steps: int) -> float:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * 4096 / 2**20
-
-
 def _measure_rss(kind: str, s: Setup, steps: int) -> float:
-    baseline, peak, running = _rss_mb(), [0.0], [True]
+    def run() -> None:
+        stepper = Stepper(kind, s, torch.device("cpu"))
+        for _ in range(steps):
+            stepper.step()
 
-    def sample() -> None:
-        while running[0]:
-            peak[0] = max(peak[0], _rss_mb())
-            time.sleep(0.005)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    stepper = Stepper(kind, s, torch.device("cpu"))
-    for _ in range(steps):
-        stepper.step()
-    running[0] = False
-    thread.join()
-    return max(peak[0], _rss_mb()) - baseline
+    return with_peak_rss(run)[2]
 
 
 def main() -> None:

@@ -87,3 +87,25 @@ def test_inspect_a_config_shows_its_sites_and_a_broken_set_stops_training(tmp_pa
     (error,) = [line for line in pre.stderr.splitlines() if line.startswith("fedmae: error:")]
     assert "abdomen_002.nii.gz: cannot be read as NIfTI" in error and "data.skip_bad_cases" in error
     assert not (tmp_path / "pre" / "checkpoint_last.pt").exists()
+
+
+def test_inspect_reports_faults_planted_in_a_chestxray14_copy(tmp_path):
+    root = write_chestxray14(tmp_path / "cxr", num_patients=6, images_per_patient=2)
+    pngs = {p.name: p for p in root.rglob("*.png")}
+    pngs["00000001_000.png"].unlink()  # listed, missing
+    truncated = pngs["00000002_000.png"]
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
+    table = root / "Data_Entry_2017.csv"
+    lines = table.read_text().splitlines()
+    lines[5] = lines[5].replace(lines[5].split(",")[1], "Cardiomegally", 1)  # misspelt finding
+    table.write_text("\n".join(lines) + "\n")
+    (root / "stray.png").write_bytes(pngs["00000003_000.png"].read_bytes())  # on disk, not in the table
+    name_5 = lines[5].split(",")[0]
+
+    result = fedmae("data", "inspect", str(root), cwd=tmp_path)
+    assert result.returncode == 1, result.stderr
+    out = result.stdout
+    assert "00000001_000.png listed in Data_Entry_2017.csv but not found" in out
+    assert "00000002_000.png: cannot be read as an image" in out
+    assert f"{name_5}: unknown finding 'Cardiomegally'" in out
+    assert "stray.png: PNG not listed in Data_Entry_2017.csv" in out

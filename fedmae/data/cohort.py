@@ -60,7 +60,7 @@ class Cohort:
     catalog: Catalog
     sites: list[SiteData]
     prep: Preprocessing
-    scan: ScanResult
+    checked: ScanResult  # every case's statistics and problems
     skipped: list[Problem]
     task_or_problem: TaskSpec | str  # what fine-tuning predicts, or why this data cannot be fine-tuned on
 
@@ -180,7 +180,7 @@ def _assign(
         return _read_split_file(Path(d.split_file), cases, skipped_ids)
     groups = _groups(cases)
     site_of_group = _partition(groups, catalog, cfg)
-    official = {s for c in cases if c.split in SPLITS for s in [c.split]}
+    official = {c.split for c in cases if c.split in SPLITS}
     val_fraction = 0.0 if "val" in official else d.val_fraction
     test_fraction = 0.0 if "test" in official else d.test_fraction
     assignment: dict[str, tuple[str, str]] = {}

@@ -116,7 +116,8 @@ def load_steps(keys: Sequence[str], prep: Preprocessing) -> list:
         steps.append(ScaleIntensityRanged(keys="image", a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True))
     if prep.crop_foreground:
         # After windowing, air is 0 and the body is above it; raw MRI background is 0 too.
-        steps.append(CropForegroundd(keys=keys, source_key="image", allow_smaller=True))
+        steps.append(CropForegroundd(keys=keys, source_key="image", allow_smaller=True,
+                                     start_coord_key=None, end_coord_key=None))
     if prep.normalize == "zscore":
         # Whole-image statistics before cropping, so a crop and the full image share one scale.
         steps.append(NormalizeIntensityd(keys="image", channel_wise=True))
@@ -126,6 +127,9 @@ def load_steps(keys: Sequence[str], prep: Preprocessing) -> list:
         modes = ["area", "nearest"] if has_label else ["area"]
         steps.append(Resized(keys=keys, spatial_size=list(prep.resize), mode=modes))
     steps.append(SpatialPadd(keys=keys, spatial_size=list(prep.min_size)))
+    # A compact copy: a crop is a view into the whole volume, and caching the view would keep
+    # (and write to disk) every voxel of the original.
+    steps.append(Lambdad(keys=keys, func=_compact))
     # Plain tensors from here: cacheable with weights_only loading, and no MetaTensor bookkeeping.
     steps.append(EnsureTyped(keys=keys, data_type="tensor", dtype=torch.float32, track_meta=False))
     return steps
@@ -143,7 +147,8 @@ def augment_steps(keys: Sequence[str], cfg: ExperimentConfig, mode: str, finetun
     d = cfg.data
     roi = list(cfg.model.img_size)
     if mode == "centre":
-        return [CenterSpatialCropd(keys=keys, roi_size=roi), plain]
+        # Deterministic, so MONAI's caches store the crop: compact it (see load_steps).
+        return [CenterSpatialCropd(keys=keys, roi_size=roi), Lambdad(keys=keys, func=_compact), plain]
     if mode == "whole":
         return [plain]
     steps: list = [RandSpatialCropd(keys=keys, roi_size=roi, random_size=False)]
@@ -179,6 +184,10 @@ def to_grey(image: torch.Tensor) -> torch.Tensor:
     if image.shape[0] in (3, 4):
         return image[:3].float().mean(dim=0, keepdim=True)
     return image
+
+
+def _compact(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.clone(memory_format=torch.contiguous_format)
 
 
 def _fresh_tensor(array: np.ndarray | torch.Tensor) -> torch.Tensor:

@@ -40,8 +40,8 @@ def site_summary(cohort: Cohort) -> list[dict[str, Any]]:
         rows.append({
             "site": site.name,
             **{split: len(site.split(split)) for split in (*SPLITS, UNLABELLED)},
-            "labels": label_counts([*site.train, *site.val, *site.test], cohort.catalog, cohort.scan.stats),
-            "intensity": summarise_intensity([cohort.scan.stats[c.case_id] for c in everything if c.case_id in cohort.scan.stats]),
+            "labels": label_counts([*site.train, *site.val, *site.test], cohort.catalog, cohort.checked.stats),
+            "intensity": summarise_intensity([cohort.checked.stats[c.case_id] for c in everything if c.case_id in cohort.checked.stats]),
         })
     return rows
 

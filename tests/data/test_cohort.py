@@ -264,6 +264,10 @@ def test_disk_cache_is_reused_and_keyed_by_the_preprocessing(ct_root, tmp_path):
     first = pretraining_dataset(images, cfg, cohort.prep, train=False)[0]["image"]
     folders = list((tmp_path / "cache").iterdir())
     assert [f.name for f in folders] == [cohort.prep.key()] and list(folders[0].glob("*.pt"))
+    # The cropped volume is stored, not the whole pre-crop volume it was a view of.
+    (stored,) = folders[0].glob("*.pt")
+    cached = torch.load(stored, weights_only=True)["image"]
+    assert stored.stat().st_size < 1.1 * cached.numel() * 4 + 4096
     again = pretraining_dataset(images, cfg, cohort.prep, train=False)[0]["image"]
     assert torch.equal(first, again)
     other = load_cohort(ct_config(ct_root, cache="disk", cache_dir=str(tmp_path / "cache"), window=[-100.0, 200.0]))

@@ -219,9 +219,9 @@ def test_decathlon_malformed_image_is_a_problem(tmp_path, image):
 def test_decathlon_not_a_folder(tmp_path):
     with pytest.raises(DataError, match="not a folder"):
         read_decathlon(tmp_path / "nowhere")
-    (tmp_path / "file.json").write_text("{}")
+    (tmp_path / "file.txt").write_text("{}")
     with pytest.raises(DataError, match="not a folder"):
-        read_decathlon(tmp_path / "file.json")
+        read_decathlon(tmp_path / "file.txt")
 
 
 def test_decathlon_no_index(tmp_path):
