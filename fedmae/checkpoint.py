@@ -21,7 +21,7 @@ import torch
 
 FORMAT = "fedmae-checkpoint"
 FORMAT_VERSION = 1
-Kind = Literal["mae", "finetune"]
+Kind = Literal["mae", "finetune", "global", "site"]  # global: a federated round's model; site: a site's local state
 
 
 class CheckpointError(ValueError):

@@ -61,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = command("evaluate", _evaluate, "evaluate a fine-tuned checkpoint on a split, pooled and per site")
     sub.add_argument("--checkpoint", type=Path, required=True, help="fine-tuned checkpoint (checkpoint_best.pt)")
     sub.add_argument("--split", choices=("test", "val"), default="test", help="which split to score (default: test)")
+    sub = command("simulate", _simulate, "federated pre-training + fine-tuning on Flower's simulation engine, "
+                  "one virtual site per site of the data")
+    sub.add_argument("--resume", action="store_true", help="continue the run in --output from its last global checkpoint")
     command("demo", _demo, "pre-train, fine-tune and evaluate on the built-in data; compare with training from scratch",
             config_required=False)
 
@@ -131,6 +134,39 @@ def _evaluate(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def _simulate(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
+    from fedmae.data.cohort import load_cohort
+    from fedmae.federated.simulate import simulate
+
+    out = _output(cfg, args, "federated").absolute()
+    cohort = load_cohort(cfg)  # check the data (and count the sites) before Flower starts
+    status = simulate(args.config, args.set, cfg, len(cohort.sites), out, resume=args.resume)
+    summary = out / "summary.json"
+    if status != 0 or not summary.is_file():
+        print(f"fedmae: error: the federated run failed (flwr run exit status {status}); see the log above "
+              f"and {out / 'superlink.log'}", file=sys.stderr)
+        return 1
+    result = json.loads(summary.read_text())
+    test = result.get("finetune", {}).get("test")
+    if test:
+        rows = {"pooled (weighted)": _as_report(test["pooled (example-weighted mean)"]),
+                **{site: _as_report(m) for site, m in sorted(test["sites"].items())}}
+        print(_table(rows))
+    print(f"global checkpoints: {out / 'global'}; per-site metrics: {out / 'rounds.jsonl'}; summary: {summary}")
+    return 0
+
+
+def _as_report(flat: dict[str, float]) -> dict[str, Any]:
+    """Flat site metrics ('auc/lesion': 0.7, 'mean_auc': 0.6, 'main': 0.6) as a table row."""
+    main = next((k for k in flat if k not in ("main", "num-examples") and "/" not in k), "main")
+    per_class: dict[str, dict[str, float]] = {}
+    for key, value in flat.items():
+        if "/" in key:
+            kind, name = key.split("/", 1)
+            per_class.setdefault(kind, {})[name] = value
+    return {"main": main, main: flat.get(main), "per_class": per_class or {"": {}}}
+
+
 def _demo(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
     from fedmae.data.cohort import load_cohort
     from fedmae.engine.finetune import finetune
@@ -188,7 +224,7 @@ def _table(rows: dict[str, dict[str, Any]], split: str = "test") -> str:
     kind, per_class = next(iter(first["per_class"].items()))
     headers = ["", f"{split} {main}", *[f"{kind} {c}" for c in per_class]]
     body = [
-        [name, _fmt(r[main]), *[_fmt(v) for v in r["per_class"][kind].values()]] for name, r in pooled.items()
+        [name, _fmt(r[main]), *[_fmt(r["per_class"].get(kind, {}).get(c)) for c in per_class]] for name, r in pooled.items()
     ]
     widths = [max(len(str(row[i])) for row in [headers, *body]) for i in range(len(headers))]
     lines = ["  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)) for row in [headers, *body]]
@@ -196,7 +232,7 @@ def _table(rows: dict[str, dict[str, Any]], split: str = "test") -> str:
 
 
 def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
+    return "n/a" if value is None or value != value else f"{value:.3f}"
 
 
 if __name__ == "__main__":

@@ -123,6 +123,23 @@ class FinetuneConfig:
 
 
 @dataclass
+class FederatedConfig:
+    # Flower strategy that averages the encoder: fedavg, fedprox (proximal term at the sites),
+    # fedavgm (server momentum), fedadam (server-side Adam).
+    strategy: Literal["fedavg", "fedprox", "fedavgm", "fedadam"] = "fedavg"
+    local_epochs: int = 1  # per round; rounds = pretrain.epochs / local_epochs, the centralised budget
+    fraction_train: float = 1.0  # share of the sites asked to train each round
+    min_sites: int = 1  # usable updates a round needs; fewer and the global model stays as it was
+    round_timeout: float = 3600.0  # seconds a round waits for sites; later replies are dropped
+    proximal_mu: float = 0.01  # fedprox: weight of the proximal term mu/2 ||w - w_global||^2
+    server_lr: float = 1.0  # fedavgm / fedadam: server learning rate (fedadam usually 0.01-0.1)
+    server_momentum: float = 0.9  # fedavgm
+    transport: Literal["fp32", "fp16", "bf16"] = "fp32"  # precision of the weights on the wire (averaged in fp32)
+    finetune: Literal["federated", "local", "none"] = "federated"  # after pre-training: FedAvg of the whole model, each site alone, or stop
+    finetune_local_epochs: int = 1  # federated fine-tuning: epochs per round; rounds = finetune.epochs / this
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "experiment"
     seed: int = 0
@@ -133,6 +150,7 @@ class ExperimentConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    federated: FederatedConfig = field(default_factory=FederatedConfig)
 
     # ---- derived values: computed here only ----
     @property
@@ -180,6 +198,15 @@ class ExperimentConfig:
     @property
     def finetune_lr(self) -> float:
         return self.finetune.base_lr * self.finetune.batch_size / 256
+
+    @property
+    def pretrain_rounds(self) -> int:
+        """Federated pre-training rounds: the centralised epochs, ``local_epochs`` per round."""
+        return self.pretrain.epochs // self.federated.local_epochs
+
+    @property
+    def finetune_rounds(self) -> int:
+        return self.finetune.epochs // self.federated.finetune_local_epochs
 
     def to_dict(self) -> dict[str, Any]:
         """Plain (YAML/JSON-safe) dict of the resolved configuration; tuples become lists."""
@@ -475,5 +502,19 @@ def validate(cfg: ExperimentConfig, source: str) -> None:
         fail("finetune.label_fraction", f"must be in (0, 1], got {f.label_fraction}")
     if not 0.0 <= f.sw_overlap < 1.0:
         fail("finetune.sw_overlap", f"must be in [0, 1), got {f.sw_overlap}")
+    fed = cfg.federated
+    for key, total in (("local_epochs", "pretrain"), ("finetune_local_epochs", "finetune")):
+        per_round, epochs = getattr(fed, key), getattr(cfg, total).epochs
+        if per_round < 1 or epochs % per_round:
+            fail(f"federated.{key}", f"must be at least 1 and divide {total}.epochs ({epochs}), got {per_round}")
+    if not 0.0 < fed.fraction_train <= 1.0:
+        fail("federated.fraction_train", f"must be in (0, 1], got {fed.fraction_train}")
+    if fed.min_sites < 1:
+        fail("federated.min_sites", f"must be at least 1, got {fed.min_sites}")
+    for key in ("round_timeout", "server_lr"):
+        if getattr(fed, key) <= 0:
+            fail(f"federated.{key}", f"must be positive, got {getattr(fed, key)}")
+    if fed.proximal_mu < 0 or not 0.0 <= fed.server_momentum < 1.0:
+        fail("federated.proximal_mu", "proximal_mu must be non-negative and server_momentum in [0, 1)")
     if cfg.device != "auto" and cfg.device != "cpu" and not cfg.device.startswith("cuda"):
         fail("device", f"must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")

@@ -117,7 +117,7 @@ def finetune(
         train_loss, step = train_one_epoch(
             model, loader, optimizer, loss_of_batch, schedule, step, device, f.clip_grad, f"finetune {epoch + 1}/{f.epochs}"
         )
-        val = _evaluate(model, val_set, task, cfg, device)
+        val = evaluate_dataset(model, val_set, task, cfg, device)
         score = val[val["main"]] if val[val["main"]] is not None else -math.inf
         record = {
             "epoch": epoch + 1,
@@ -153,16 +153,16 @@ def finetune(
 def evaluate_sites(model: nn.Module, cohort: Cohort, cfg: ExperimentConfig, device: torch.device, split: str) -> dict[str, Any]:
     """Metrics on one split, pooled over all sites and per site."""
     task, prep = cohort.task, cohort.prep
-    pooled = _evaluate(model, finetuning_dataset(cohort.cases(split), task, cfg, prep, False), task, cfg, device)
+    pooled = evaluate_dataset(model, finetuning_dataset(cohort.cases(split), task, cfg, prep, False), task, cfg, device)
     per_site = {
-        site.name: _evaluate(model, finetuning_dataset(site.split(split), task, cfg, prep, False), task, cfg, device)
+        site.name: evaluate_dataset(model, finetuning_dataset(site.split(split), task, cfg, prep, False), task, cfg, device)
         for site in cohort.sites
         if site.split(split)
     }
     return {"split": split, "pooled": pooled, "sites": per_site}
 
 
-def _evaluate(model: nn.Module, dataset, task: TaskSpec, cfg: ExperimentConfig, device: torch.device) -> dict[str, Any]:
+def evaluate_dataset(model: nn.Module, dataset, task: TaskSpec, cfg: ExperimentConfig, device: torch.device) -> dict[str, Any]:
     # Whole images for segmentation (sliding window); batch 1 lets images differ in size.
     batch = 1 if task.type == "segmentation" else cfg.finetune.batch_size
     loader = make_loader(dataset, batch, cfg.seed, False, cfg.data.num_workers)

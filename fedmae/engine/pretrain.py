@@ -54,11 +54,15 @@ def pretrain_epoch(
     step: int,
     device: torch.device,
     desc: str = "pretrain",
+    loss_fn: Callable[[MaskedAutoencoder, dict[str, torch.Tensor]], torch.Tensor] = mae_loss,
 ) -> tuple[float, int]:
-    """One reproducible epoch of MAE training (0-based ``epoch``); returns (mean loss, next step)."""
+    """One reproducible epoch of MAE training (0-based ``epoch``); returns (mean loss, next step).
+
+    ``loss_fn``: the batch loss; federated sites add a proximal term to :func:`mae_loss` (FedProx).
+    """
     seed_everything(epoch_seed(cfg.seed, epoch, stream=1))
     loader = make_loader(dataset, cfg.pretrain.batch_size, epoch_seed(cfg.seed, epoch), True, cfg.data.num_workers)
-    return train_one_epoch(model, loader, optimizer, mae_loss, schedule, step, device, cfg.pretrain.clip_grad, desc)
+    return train_one_epoch(model, loader, optimizer, loss_fn, schedule, step, device, cfg.pretrain.clip_grad, desc)
 
 
 @torch.no_grad()

@@ -1,0 +1,131 @@
+"""What federation costs: wall time against centralised training of the same work, and bytes.
+
+Same data (the built-in hospitals), same model, same samples and epochs: centralised
+pre-training on the pooled training images against federated pre-training of K sites with
+``pretrain.epochs / local_epochs`` rounds (pre-training only, no fine-tuning).
+
+* (a) overhead = federated wall time / centralised wall time, for
+  - in-process: the real ServerApp + ClientApp code through an in-process grid (sites one after
+    another): fedmae's own per-round costs (model rebuild, site state on disk, checks, checkpoints);
+  - Flower simulation (``--flower``): `fedmae simulate`, i.e. a SuperLink and Ray actors; it also
+    pays process start-up and each actor's data loading, and runs sites in parallel when the
+    machine has the cores.
+* (b) bytes per site per round, each way, measured on the messages, against the whole MAE in fp32;
+  and what fp16 / bf16 transport costs in final validation reconstruction loss.
+
+    python benchmarks/bench_federated.py                 # 3 sites, 10 epochs, in-process only
+    python benchmarks/bench_federated.py --flower        # also the Flower simulation engine
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # run from anywhere in the checkout
+from fedmae.config import load_config  # noqa: E402
+from fedmae.data.cohort import load_cohort  # noqa: E402
+from fedmae.engine.pretrain import pretrain  # noqa: E402
+from fedmae.federated.settings import experiment_config  # noqa: E402
+from fedmae.models.factory import build_mae  # noqa: E402
+from server.app import FederatedRun  # noqa: E402
+from server.inprocess import InProcessGrid  # noqa: E402
+from sites.app import app as client_app  # noqa: E402
+
+
+def experiment(folder: Path, args: argparse.Namespace, transport: str = "fp32") -> Path:
+    raw = yaml.safe_load((REPO / "configs/federated-demo.yaml").read_text())
+    raw["data"]["num_sites"] = args.sites
+    raw["pretrain"].update(epochs=args.epochs, warmup_epochs=1)
+    raw["federated"].update(local_epochs=args.local_epochs, min_sites=args.sites, finetune="none", transport=transport)
+    raw["device"] = "cpu"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "experiment.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def in_process(folder: Path, args: argparse.Namespace, transport: str) -> dict:
+    path = experiment(folder, args, transport)
+    run_config = {"experiment": str(path), "overrides": "", "output-dir": str(folder / "out"), "resume": False}
+    grid = InProcessGrid(client_app, [{"partition-id": i, "num-partitions": args.sites} for i in range(args.sites)], run_config)
+    start = time.perf_counter()
+    FederatedRun(grid, experiment_config(run_config), folder / "out", resume=False).run()
+    seconds = time.perf_counter() - start
+    down = [_bytes(m) for m in grid.sent if m.metadata.message_type == "train"]
+    up = [_bytes(m) for m in grid.received if m.metadata.message_type == "train" and not m.has_error()]
+    records = [json.loads(line) for line in (folder / "out" / "rounds.jsonl").read_text().splitlines()]
+    last_round = max(r["round"] for r in records if "evaluation" in r)
+    evals = [r["evaluation"] for r in records if "evaluation" in r and r["round"] == last_round]
+    val = sum(e["val_loss"] * e["num-examples"] for e in evals) / sum(e["num-examples"] for e in evals)
+    return {"seconds": seconds, "down": max(down), "up": max(up), "val_loss": val}
+
+
+def _bytes(message) -> int:
+    arrays = message.content.get("arrays") if "arrays" in message.content else None
+    return 0 if arrays is None else sum(len(a.data) for a in arrays.values())
+
+
+def flower(folder: Path, args: argparse.Namespace) -> float:
+    path = experiment(folder, args)
+    command = [sys.executable, "-m", "fedmae.cli", "simulate", "--config", str(path), "--output", str(folder / "out")]
+    start = time.perf_counter()
+    result = subprocess.run(command, cwd=folder, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(result.stdout[-2000:] + result.stderr[-2000:])
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sites", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=10, help="pre-training epochs (= rounds x local epochs)")
+    parser.add_argument("--local-epochs", type=int, default=1)
+    parser.add_argument("--flower", action="store_true", help="also time `fedmae simulate` (Flower + Ray)")
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args()
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    work = Path(tempfile.mkdtemp(prefix="fedmae-bench-"))
+
+    cfg = load_config(experiment(work / "central", args))
+    cohort = load_cohort(cfg)
+    start = time.perf_counter()
+    pretrain(cfg, work / "central" / "out", cohort=cohort)
+    central = time.perf_counter() - start
+
+    runs = {t: in_process(work / t, args, t) for t in ("fp32", "fp16", "bf16")}
+    full_mae = sum(t.numel() * t.element_size() for t in build_mae(cfg).state_dict().values())
+    flower_s = flower(work / "flower", args) if args.flower else None
+
+    images = sum(len(s.train) + len(s.unlabelled) for s in cohort.sites)
+    print(f"federated vs centralised MAE pre-training: {args.sites} built-in sites, {images} training images, "
+          f"{args.epochs} epochs ({args.epochs // args.local_epochs} rounds x {args.local_epochs}), {cfg.model.name} "
+          f"dim {cfg.size.embed_dim} depth {cfg.size.depth}, cpu ({torch.get_num_threads()} threads), "
+          f"load average {os.getloadavg()[0]:.2f}")
+    print(f"  (a) centralised {central:.1f} s; in-process federated {runs['fp32']['seconds']:.1f} s "
+          f"-> overhead ratio {runs['fp32']['seconds'] / central:.2f}")
+    if flower_s is not None:
+        print(f"      Flower simulation (fedmae simulate, incl. SuperLink + Ray start-up) {flower_s:.1f} s "
+              f"-> overhead ratio {flower_s / central:.2f}")
+    print(f"  (b) per site per round; whole MAE in fp32 = {full_mae / 1e6:.3f} MB")
+    print("      transport   server->site MB   site->server MB   vs whole MAE   final val loss   vs fp32")
+    for name, r in runs.items():
+        print(f"      {name:9s}   {r['down'] / 1e6:15.3f}   {r['up'] / 1e6:15.3f}   {r['up'] / full_mae:12.2f}"
+              f"   {r['val_loss']:14.5f}   {r['val_loss'] - runs['fp32']['val_loss']:+.5f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"centralised_s": central, "flower_s": flower_s, "full_mae_bytes": full_mae,
+                                               "runs": runs, "sites": args.sites, "epochs": args.epochs}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

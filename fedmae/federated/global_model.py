@@ -1,0 +1,67 @@
+"""The server's side in plain PyTorch: the initial global weights, and the global checkpoints.
+
+Every round's global model is written atomically with the config, phase and round number
+(``<phase>_round_NNNN.pt``, the newest ``keep`` of them) and as ``<phase>_last.pt``; a stopped
+run resumes from ``<phase>_last.pt`` with the right round numbers. Fine-tuning also keeps the
+model that scored best on the sites' validation data as ``finetune_best.pt``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedmae.checkpoint import load_checkpoint, save_checkpoint
+from fedmae.config import ExperimentConfig
+from fedmae.engine.loop import seed_everything
+from fedmae.models.factory import build_finetune_model, build_mae
+from fedmae.models.state import ENCODER_PREFIX, encoder_state, load_encoder
+
+
+def initial_encoder(cfg: ExperimentConfig) -> dict[str, torch.Tensor]:
+    """The seeded MAE's encoder (``encoder.*`` keys): what centralised pre-training starts from."""
+    seed_everything(cfg.seed)
+    model = build_mae(cfg)
+    return {ENCODER_PREFIX + k: v for k, v in encoder_state(model.state_dict()).items()}
+
+
+def initial_finetune_model(cfg: ExperimentConfig, num_outputs: int, encoder: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The fine-tune model as a site would build it (same seed), with the global encoder loaded."""
+    seed_everything(cfg.seed)
+    model = build_finetune_model(cfg, num_outputs)
+    load_encoder(model, encoder_state(encoder))
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+class GlobalCheckpoints:
+    def __init__(self, folder: str | Path, cfg: ExperimentConfig, keep: int = 3):
+        self.folder, self.cfg, self.keep = Path(folder), cfg, keep
+
+    def last(self, phase: str) -> Path:
+        return self.folder / f"{phase}_last.pt"
+
+    def best(self, phase: str) -> Path:
+        return self.folder / f"{phase}_best.pt"
+
+    def save(self, phase: str, server_round: int, state: dict[str, torch.Tensor], metrics: dict[str, Any],
+             best: bool = False) -> Path:
+        """This round's global model: a per-round file (newest ``keep`` kept) and the last."""
+        kwargs = dict(kind="global", model_state=state, config=self.cfg.to_dict(), epoch=server_round, step=server_round,
+                      metrics=metrics, extra={"phase": phase, "round": server_round})
+        path = save_checkpoint(self.folder / f"{phase}_round_{server_round:04d}.pt", **kwargs)
+        save_checkpoint(self.last(phase), **kwargs)
+        if best:
+            save_checkpoint(self.best(phase), **kwargs)
+        if self.keep > 0:
+            for old in sorted(self.folder.glob(f"{phase}_round_*.pt"))[: -self.keep]:
+                old.unlink(missing_ok=True)
+        return path
+
+    def resume_point(self, phase: str) -> tuple[int, dict[str, torch.Tensor], dict[str, Any]] | None:
+        """(round, global state, metrics) of the last saved round of ``phase``, if any."""
+        if not self.last(phase).is_file():
+            return None
+        payload = load_checkpoint(self.last(phase), expect_kind="global")
+        return payload["extra"]["round"], payload["model"], payload["metrics"]

@@ -1,0 +1,131 @@
+"""`fedmae simulate`: the fedmae Flower app on Flower's simulation engine, one virtual site per
+site of the configured data, offline, leaving nothing running.
+
+It does what `flwr run .` does, with the parts a researcher should not have to manage: a private
+FLWR_HOME, a SuperLink in simulation mode on free local ports that this process starts and stops
+(by process group, whatever happens), client resources sized for the machine, runtime dependency
+installation off, and the experiment and output folder passed as run settings.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import torch
+
+from fedmae.config import ExperimentConfig
+from fedmae.federated.settings import APP_DIR
+
+log = logging.getLogger(__name__)
+
+STARTUP_TIMEOUT = 60.0
+
+
+def client_resources(num_sites: int) -> dict[str, float]:
+    """CPUs and GPU share per virtual site: all sites at once if the machine has the cores,
+    else as many as fit; GPUs are shared evenly (a site's share is at most one GPU)."""
+    cpus = os.cpu_count() or 1
+    concurrent = max(1, min(num_sites, cpus))
+    gpus = torch.cuda.device_count()
+    return {"num-cpus": max(1, cpus // concurrent), "num-gpus": round(min(1.0, gpus / num_sites), 3) if gpus else 0.0}
+
+
+def simulate(config_path: Path, overrides: list[str], cfg: ExperimentConfig, num_sites: int, output_dir: Path,
+             resume: bool = False, stream=None) -> int:
+    """Run the app on ``num_sites`` virtual sites; returns the exit status of ``flwr run``."""
+    if not (APP_DIR / "pyproject.toml").is_file():
+        raise FileNotFoundError(f"{APP_DIR}: the fedmae app (pyproject.toml) is not here; run from a source checkout")
+    home = Path(tempfile.mkdtemp(prefix="fedmae-flwr-"))
+    http_port, control_port = _free_port(), _free_port()
+    resources = client_resources(num_sites)
+    (home / "config.toml").write_text(
+        '[superlink]\ndefault = "fedmae-simulation"\n\n[superlink.fedmae-simulation]\n'
+        f'address = "127.0.0.1:{http_port}"\ninsecure = true\n'
+        f"options.num-supernodes = {num_sites}\n"
+        f"options.backend.client-resources.num-cpus = {resources['num-cpus']}\n"
+        f"options.backend.client-resources.num-gpus = {resources['num-gpus']}\n"
+    )
+    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "FLWR_DISABLE_UPDATE_CHECK": "1"}
+    output_dir.mkdir(parents=True, exist_ok=True)
+    superlink_log = (output_dir / "superlink.log").open("ab")
+    superlink = subprocess.Popen(
+        [_tool("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+         "--control-api-address", f"127.0.0.1:{control_port}", "--host", "127.0.0.1", "--port", str(http_port),
+         "--database", ":flwr-in-memory:"],
+        env=env, stdout=superlink_log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        _wait_until_healthy(superlink, http_port, output_dir / "superlink.log")
+        run_config = " ".join([
+            f"experiment={json.dumps(str(Path(config_path).absolute()))}",
+            f"overrides={json.dumps('; '.join(overrides))}",
+            f"output-dir={json.dumps(str(output_dir.absolute()))}",
+            f"resume={'true' if resume else 'false'}",
+        ])
+        log.info("simulating %d sites (%s CPU, %s GPU each) with Flower; SuperLink log: %s",
+                 num_sites, resources["num-cpus"], resources["num-gpus"], output_dir / "superlink.log")
+        command = [_tool("flwr"), "run", str(APP_DIR), "fedmae-simulation", "--stream", "--run-config", run_config]
+        return subprocess.run(command, env=env, stdout=stream, stderr=subprocess.STDOUT if stream else None).returncode
+    finally:
+        _stop(superlink)
+        superlink_log.close()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def _tool(name: str) -> str:
+    """Flower's console scripts next to this Python (the same environment), else on PATH."""
+    here = Path(sys.executable).parent / name
+    return str(here) if here.exists() else (shutil.which(name) or name)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_until_healthy(process: subprocess.Popen, port: int, log_file: Path) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the Flower SuperLink exited with status {process.returncode}; see {log_file}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise RuntimeError(f"the Flower SuperLink did not start within {STARTUP_TIMEOUT:.0f} s; see {log_file}")
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """Stop the SuperLink and everything it started (SuperExec, simulation, Ray) by process group."""
+    if process.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    # Children that outlive the leader still belong to its group.
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

@@ -1,0 +1,225 @@
+"""One site's part of a federated run, in plain PyTorch: a round of local training on the site's
+own data, starting from the global weights, and evaluation on its own validation / test cases.
+
+Pre-training sends and receives only the encoder; the MAE decoder, the mask token, the optimiser
+state and the step counter stay at the site, on its disk (``state_dir``), so they survive a
+restarted run. A round's state is saved after the round, and the last two are kept: a round that
+is repeated after a server crash starts from exactly the state it started from the first time.
+
+Round r trains epochs (r - 1) * E ... r * E - 1 of the run (E = local epochs), seeded like the
+centralised run's epochs and on the same learning-rate schedule, so one site holding all the data
+ends where ``fedmae pretrain`` ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedmae.checkpoint import load_checkpoint, save_checkpoint
+from fedmae.config import ExperimentConfig
+from fedmae.data.cohort import SiteData
+from fedmae.data.datasets import epoch_seed, finetuning_dataset, label_subset, make_loader, pretraining_dataset
+from fedmae.data.preprocess import Preprocessing
+from fedmae.data.tasks import TaskSpec
+from fedmae.engine.finetune import evaluate_dataset, task_loss
+from fedmae.engine.loop import Schedule, resolve_device, seed_everything, train_one_epoch
+from fedmae.engine.optim import build_optimizer
+from fedmae.engine.pretrain import mae_loss, pretrain_epoch, pretrain_schedule, reconstruction_loss, site_images
+from fedmae.engine.runs import Stopwatch
+from fedmae.models.factory import build_finetune_model, build_mae
+from fedmae.models.state import ENCODER_PREFIX, encoder_state, load_encoder, load_model_state
+
+log = logging.getLogger(__name__)
+
+KEEP_STATES = 2
+
+
+class _SiteRounds:
+    """Shared mechanics: a model and optimiser whose site-local state lives on disk per round."""
+
+    phase: str
+
+    def __init__(self, cfg: ExperimentConfig, site: SiteData, state_dir: str | Path, device: str | None):
+        self.cfg, self.site = cfg, site
+        self.state_dir = Path(state_dir) / site.name.replace("/", "_") / self.phase
+        self.device = resolve_device(device or cfg.device)
+        self.step = 0
+
+    def _state_path(self, server_round: int) -> Path:
+        return self.state_dir / f"round_{server_round:05d}.pt"
+
+    def _restore(self, server_round: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Load the state this site had after its latest round before ``server_round``."""
+        saved = sorted(
+            (int(m.group(1)), p) for p in self.state_dir.glob("round_*.pt") if (m := re.match(r"round_(\d+)\.pt$", p.name))
+        )
+        earlier = [(r, p) for r, p in saved if r < server_round]
+        if not earlier:
+            self.step = 0
+            return
+        payload = load_checkpoint(earlier[-1][1], expect_kind="site")
+        load_model_state(model, payload["model"], str(earlier[-1][1]))
+        optimizer.load_state_dict(payload["optimizer"])
+        self.step = payload["step"]
+
+    def _save(self, server_round: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, metrics: dict) -> None:
+        save_checkpoint(
+            self._state_path(server_round), kind="site", model_state=model.state_dict(), config=self.cfg.to_dict(),
+            epoch=server_round, step=self.step, optimizer_state=optimizer.state_dict(), metrics=metrics,
+            extra={"site": self.site.name, "phase": self.phase},
+        )
+        rounds = sorted(self.state_dir.glob("round_*.pt"))
+        for old in rounds[:-KEEP_STATES]:
+            old.unlink(missing_ok=True)
+
+
+class SitePretraining(_SiteRounds):
+    """MAE pre-training at one site; exchanges encoder weights only."""
+
+    phase = "pretrain"
+
+    def __init__(self, cfg: ExperimentConfig, site: SiteData, prep: Preprocessing, state_dir: str | Path,
+                 device: str | None = None):
+        super().__init__(cfg, site, state_dir, device)
+        self.train_set = pretraining_dataset(site_images([site], "train"), cfg, prep, train=True)
+        self.val_set = pretraining_dataset(site_images([site], "val"), cfg, prep, train=False)
+        if len(self.train_set) == 0:
+            raise ValueError(f"site {site.name}: no training images to pre-train on")
+        self.schedule = pretrain_schedule(cfg, len(self.train_set))
+
+    def _build(self) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        # The same seeded initialisation as the centralised run: with one site, federated and
+        # centralised pre-training start (and end) with the same decoder.
+        seed_everything(self.cfg.seed)
+        model = build_mae(self.cfg).to(self.device)
+        p = self.cfg.pretrain
+        return model, build_optimizer(model, self.cfg.pretrain_lr, p.weight_decay, p.betas)
+
+    def train_round(
+        self, global_encoder: dict[str, torch.Tensor], server_round: int, proximal_mu: float = 0.0
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Local epochs from the global encoder; returns the new encoder (``encoder.*`` keys) and metrics."""
+        watch = Stopwatch()
+        model, optimizer = self._build()
+        self._restore(server_round, model, optimizer)
+        load_encoder(model, _strip(global_encoder))
+        loss_fn = mae_loss if proximal_mu <= 0 else _proximal(mae_loss, model, proximal_mu)
+        E = self.cfg.federated.local_epochs
+        losses = []
+        for e in range(E):
+            epoch = (server_round - 1) * E + e
+            loss, self.step = pretrain_epoch(
+                model, self.train_set, optimizer, self.schedule, self.cfg, epoch, self.step, self.device,
+                desc=f"{self.site.name} round {server_round}", loss_fn=loss_fn,
+            )
+            losses.append(loss)
+        metrics = {"train_loss": sum(losses) / len(losses), "num-examples": len(self.train_set),
+                   "seconds": watch.seconds, "lr": optimizer.param_groups[0]["lr"]}
+        self._save(server_round, model, optimizer, metrics)
+        return _prefixed(encoder_state(model.state_dict())), metrics
+
+    def evaluate(self, global_encoder: dict[str, torch.Tensor], server_round: int) -> dict[str, Any]:
+        """Validation reconstruction loss of the global encoder with this site's decoder."""
+        model, optimizer = self._build()
+        self._restore(server_round + 1, model, optimizer)  # the decoder after this round
+        load_encoder(model, _strip(global_encoder))
+        loss = reconstruction_loss(model, self.val_set, self.cfg, self.device) if len(self.val_set) else math.nan
+        return {"val_loss": loss, "num-examples": len(self.val_set)}
+
+
+class SiteFinetuning(_SiteRounds):
+    """Fine-tuning at one site: the whole model is exchanged (federated fine-tuning)."""
+
+    phase = "finetune"
+
+    def __init__(self, cfg: ExperimentConfig, site: SiteData, prep: Preprocessing, task: TaskSpec,
+                 state_dir: str | Path, device: str | None = None):
+        super().__init__(cfg, site, state_dir, device)
+        self.task, self.prep = task, prep
+        labelled = label_subset(site.train, cfg.finetune.label_fraction, cfg.seed, site.name)
+        self.train_set = finetuning_dataset(labelled, task, cfg, prep, train=True)
+        f = cfg.finetune
+        steps_per_epoch = max(1, math.ceil(len(self.train_set) / f.batch_size))
+        self.schedule = Schedule(cfg.finetune_lr, f.min_lr, f.warmup_epochs * steps_per_epoch, f.epochs * steps_per_epoch)
+        self.criterion = task_loss(task)
+
+    def build_model(self) -> torch.nn.Module:
+        seed_everything(self.cfg.seed)
+        return build_finetune_model(self.cfg, self.task.num_outputs).to(self.device)
+
+    def _build(self) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        model = self.build_model()
+        f = self.cfg.finetune
+        return model, build_optimizer(model, self.cfg.finetune_lr, f.weight_decay, f.betas, f.layer_decay)
+
+    def train_round(self, global_model: dict[str, torch.Tensor], server_round: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        watch = Stopwatch()
+        model, optimizer = self._build()
+        self._restore(server_round, model, optimizer)
+        load_model_state(model, global_model, "global model")
+        device = self.device
+
+        def loss_of_batch(net: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            return self.criterion(net(batch["image"].to(device)).float(), batch["label"].to(device))
+
+        E, f = self.cfg.federated.finetune_local_epochs, self.cfg.finetune
+        losses = []
+        for e in range(E):
+            epoch = (server_round - 1) * E + e
+            seed_everything(epoch_seed(self.cfg.seed, epoch, stream=3))
+            loader = make_loader(self.train_set, f.batch_size, epoch_seed(self.cfg.seed, epoch, stream=2), True,
+                                 self.cfg.data.num_workers)
+            loss, self.step = train_one_epoch(model, loader, optimizer, loss_of_batch, self.schedule, self.step, device,
+                                              f.clip_grad, f"{self.site.name} fine-tune round {server_round}")
+            losses.append(loss)
+        metrics = {"train_loss": sum(losses) / len(losses), "num-examples": len(self.train_set), "seconds": watch.seconds}
+        self._save(server_round, model, optimizer, metrics)
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}, metrics
+
+    def evaluate(self, global_model: dict[str, torch.Tensor], split: str) -> dict[str, Any]:
+        """Task metrics of the global model on this site's ``split`` (scalars only)."""
+        model = self.build_model()
+        load_model_state(model, global_model, "global model")
+        cases = self.site.split(split)
+        if not cases:
+            return {"num-examples": 0}
+        dataset = finetuning_dataset(cases, self.task, self.cfg, self.prep, train=False)
+        result = evaluate_dataset(model, dataset, self.task, self.cfg, self.device)
+        return {**scalar_metrics(result), "num-examples": len(cases)}
+
+
+def scalar_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """The main metric and per-class scores as flat scalars (what may leave a site)."""
+    flat = {"main": math.nan}
+    main = result["main"]
+    flat[main] = math.nan if result[main] is None else float(result[main])
+    flat["main"] = flat[main]
+    for kind, scores in result.get("per_class", {}).items():
+        for name, value in scores.items():
+            flat[f"{kind}/{name}"] = math.nan if value is None else float(value)
+    return flat
+
+
+def _strip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k[len(ENCODER_PREFIX):] if k.startswith(ENCODER_PREFIX) else k: v for k, v in state.items()}
+
+
+def _prefixed(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {ENCODER_PREFIX + k: v.detach().cpu() for k, v in state.items()}
+
+
+def _proximal(base_loss, model: torch.nn.Module, mu: float):
+    """FedProx: add mu/2 ||w - w_global||^2 over the encoder, the part that is averaged."""
+    anchor = {n: p.detach().clone() for n, p in model.encoder.named_parameters()}
+
+    def loss(net: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        penalty = sum(((p - anchor[n]) ** 2).sum() for n, p in net.encoder.named_parameters())
+        return base_loss(net, batch) + 0.5 * mu * penalty
+
+    return loss

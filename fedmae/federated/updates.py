@@ -1,0 +1,64 @@
+"""Weights on the wire: precision at send, and the checks an update must pass before averaging.
+
+Sites and server exchange plain ``{name: tensor}`` dicts. With half-precision transport the
+floating-point tensors are cast at send (fp16, or bf16 carried as its raw 16 bits because Flower's
+ArrayRecord has no bfloat16) and back to fp32 on receipt, so averaging always runs in fp32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+WIRE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def to_wire(state: Mapping[str, torch.Tensor], precision: str) -> dict[str, torch.Tensor]:
+    """Cast floating-point tensors for sending; bf16 travels as int16 bit patterns."""
+    dtype = WIRE_DTYPES[precision]
+    wire = {}
+    for name, tensor in state.items():
+        tensor = tensor.detach().cpu()
+        if tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+            if dtype is torch.bfloat16:
+                tensor = tensor.view(torch.int16)
+        wire[name] = tensor.contiguous()
+    return wire
+
+
+def from_wire(wire: Mapping[str, torch.Tensor], precision: str, reference: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Back to the reference's dtypes (fp32 weights); names not in ``reference`` pass through."""
+    state = {}
+    for name, tensor in wire.items():
+        tensor = torch.as_tensor(tensor)
+        target = reference.get(name)
+        if target is not None and target.is_floating_point():
+            if precision == "bf16" and tensor.dtype == torch.int16:
+                tensor = tensor.view(torch.bfloat16)
+            tensor = tensor.to(target.dtype)
+        state[name] = tensor
+    return state
+
+
+def update_problem(update: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]) -> str | None:
+    """Why ``update`` must not be averaged into ``reference``'s model, or None when it may."""
+    missing = sorted(set(reference) - set(update))
+    extra = sorted(set(update) - set(reference))
+    if missing or extra:
+        parts = ([f"missing {', '.join(missing[:3])}" + (" ..." if len(missing) > 3 else "")] if missing else []) + (
+            [f"unexpected {', '.join(extra[:3])}" + (" ..." if len(extra) > 3 else "")] if extra else []
+        )
+        return "wrong keys: " + "; ".join(parts)
+    for name, ref in reference.items():
+        value = torch.as_tensor(update[name])
+        if tuple(value.shape) != tuple(ref.shape):
+            return f"wrong shape for {name}: {tuple(value.shape)}, expected {tuple(ref.shape)}"
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return f"non-finite values (NaN/Inf) in {name}"
+    return None
+
+
+def nbytes(state: Mapping[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())

@@ -1,0 +1,198 @@
+"""The fedmae server: a Flower ServerApp. Thin glue over :mod:`fedmae.federated`.
+
+A run: ask every connected site to describe itself (name, task outputs), pre-train the encoder
+for ``pretrain.epochs / federated.local_epochs`` rounds with the configured strategy, then
+fine-tune (FedAvg of the whole model, or each site alone) and collect per-site test metrics.
+Every round's global model is checkpointed; ``resume = true`` continues from the last one.
+Outputs (``output-dir``): ``global/`` checkpoints, ``rounds.jsonl`` (one line per site and round),
+``summary.json``, ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from fedmae.config import ExperimentConfig
+from fedmae.engine.loop import MetricsLog
+from fedmae.federated.global_model import GlobalCheckpoints, initial_encoder, initial_finetune_model
+from fedmae.federated.settings import experiment_config, output_dir
+from fedmae.federated.updates import to_wire
+from server.strategy import build_strategy, weighted_mean
+
+log = logging.getLogger("fedmae.server")
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run_config = dict(context.run_config)
+    cfg = experiment_config(run_config)
+    FederatedRun(grid, cfg, output_dir(run_config, cfg), resume=bool(run_config.get("resume", False))).run()
+
+
+class FederatedRun:
+    def __init__(self, grid: Grid, cfg: ExperimentConfig, out: Path, resume: bool):
+        self.grid, self.cfg, self.out, self.resume = grid, cfg, Path(out), resume
+        self.checkpoints = GlobalCheckpoints(self.out / "global", cfg)
+        if not resume and self.checkpoints.last("pretrain").exists():
+            raise FileExistsError(f"{self.out} already holds a federated run; set resume=true to continue it "
+                                  "or choose another output-dir")
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        self.log = MetricsLog(self.out / "rounds.jsonl")
+        self.site_names: dict[int, str] = {}
+        self.summary: dict[str, Any] = {"config": cfg.to_dict()}
+
+    def run(self) -> dict[str, Any]:
+        started = time.monotonic()
+        sites = self.describe_sites()
+        encoder = self.pretrain(len(sites))
+        mode = self.cfg.federated.finetune
+        if mode == "federated":
+            self.finetune_federated(sites, encoder)
+        elif mode == "local":
+            self.finetune_local(encoder)
+        self.summary["seconds"] = round(time.monotonic() - started, 1)
+        (self.out / "summary.json").write_text(json.dumps(_json_safe(self.summary), indent=2))
+        log.info("federated run done in %.0f s; outputs in %s", self.summary["seconds"], self.out)
+        return self.summary
+
+    # ---- sites -------------------------------------------------------------------------------
+
+    def describe_sites(self) -> dict[int, dict[str, Any]]:
+        """Wait for at least ``min_sites`` sites, then ask each for its name and task outputs."""
+        fed = self.cfg.federated
+        deadline = time.monotonic() + fed.round_timeout
+        nodes = list(self.grid.get_node_ids())
+        while len(nodes) < fed.min_sites and time.monotonic() < deadline:
+            time.sleep(1.0)
+            nodes = list(self.grid.get_node_ids())
+        replies = self.ask(nodes, ConfigRecord({"phase": "describe"}))
+        sites = {}
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                log.warning("site on node %d could not describe itself: %s", node, reply.error.reason)
+                continue
+            info = reply.content["site"]
+            metrics = reply.content["metrics"]
+            sites[node] = {"name": str(info["name"]), "outputs": int(metrics["num-outputs"]),
+                           "class_names": [c for c in str(info.get("class-names", "")).split("\t") if c],
+                           "images": int(metrics["num-examples"])}
+            self.site_names[node] = sites[node]["name"]
+        if len(sites) < fed.min_sites:
+            raise RuntimeError(f"only {len(sites)} site(s) answered; federated.min_sites is {fed.min_sites}")
+        self.summary["sites"] = {s["name"]: {"images": s["images"]} for s in sites.values()}
+        log.info("sites: %s", ", ".join(f"{s['name']} ({s['images']} images)" for s in sites.values()))
+        return sites
+
+    def ask(self, nodes: list[int], config: ConfigRecord, arrays: dict[str, torch.Tensor] | None = None) -> list[Message]:
+        """One evaluate-type message per node (a query, not a training round)."""
+        content = RecordDict({"config": config})
+        if arrays is not None:
+            content["arrays"] = ArrayRecord(to_wire(arrays, self.cfg.federated.transport))
+            config["transport"] = self.cfg.federated.transport
+        messages = [Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=n) for n in nodes]
+        return list(self.grid.send_and_receive(messages, timeout=self.cfg.federated.round_timeout))
+
+    # ---- phases ------------------------------------------------------------------------------
+
+    def pretrain(self, num_sites: int) -> dict[str, torch.Tensor]:
+        total = self.cfg.pretrain_rounds
+        point = self.checkpoints.resume_point("pretrain") if self.resume else None
+        done, state = (point[0], point[1]) if point else (0, initial_encoder(self.cfg))
+        if point:
+            log.info("resuming pre-training after round %d of %d", done, total)
+        if done < total:
+            state = self._rounds("pretrain", num_sites, state, done, total)
+        self.summary["pretrain"] = {"rounds": total, "checkpoint": str(self.checkpoints.last("pretrain"))}
+        return state
+
+    def finetune_federated(self, sites: dict[int, dict[str, Any]], encoder: dict[str, torch.Tensor]) -> None:
+        outputs = {s["outputs"] for s in sites.values()}
+        names = {tuple(s["class_names"]) for s in sites.values()}
+        if len(outputs) != 1 or len(names) != 1 or 0 in outputs:
+            raise RuntimeError(f"sites disagree on the task (or have none): outputs {sorted(outputs)}, classes {sorted(names)}")
+        total = self.cfg.finetune_rounds
+        point = self.checkpoints.resume_point("finetune") if self.resume else None
+        done, state = (point[0], point[1]) if point else (0, initial_finetune_model(self.cfg, outputs.pop(), encoder))
+        if done < total:
+            state = self._rounds("finetune", len(sites), state, done, total)
+        best = self.checkpoints.best("finetune")
+        from fedmae.checkpoint import load_checkpoint
+
+        selected = load_checkpoint(best, expect_kind="global")
+        replies = self.ask(list(self.site_names), ConfigRecord({"phase": "finetune", "split": "test"}), selected["model"])
+        per_site = self._site_metrics(replies)
+        self.summary["finetune"] = {"mode": "federated", "selected_round": selected["extra"]["round"],
+                                    "val": selected["metrics"].get("val", {}), "test": {"sites": per_site,
+                                    "pooled (example-weighted mean)": weighted_mean(per_site.values())},
+                                    "checkpoint": str(best)}
+
+    def finetune_local(self, encoder: dict[str, torch.Tensor]) -> None:
+        replies = self.ask(list(self.site_names), ConfigRecord({"phase": "finetune-local"}), encoder)
+        per_site = self._site_metrics(replies)
+        self.summary["finetune"] = {"mode": "local", "test": {"sites": per_site,
+                                    "pooled (example-weighted mean)": weighted_mean(per_site.values())}}
+
+    def _site_metrics(self, replies: list[Message]) -> dict[str, dict[str, float]]:
+        per_site = {}
+        for reply in replies:
+            site = self.site_names.get(reply.metadata.src_node_id, str(reply.metadata.src_node_id))
+            if reply.has_error():
+                log.warning("site %s failed: %s", site, reply.error.reason)
+                continue
+            per_site[str(reply.content["site"]["name"])] = {k: float(v) for k, v in reply.content["metrics"].items()}
+        return per_site
+
+    def _rounds(self, phase: str, num_sites: int, state: dict[str, torch.Tensor], done: int, total: int) -> dict[str, torch.Tensor]:
+        """Rounds done+1 .. total of ``phase``, checkpointing the global model after each."""
+        evaluate_extra = {"split": "val"} if phase == "finetune" else {}
+        strategy = build_strategy(self.cfg, phase, num_sites, round_offset=done, metrics_log=self.log,
+                                  site_names=self.site_names, evaluate_extra=evaluate_extra)
+        best_score = self._best_score(phase)
+
+        def after_round(server_round: int, arrays: ArrayRecord) -> None:
+            nonlocal best_score
+            if server_round == 0:
+                return None
+            run_round = server_round + done
+            evaluation = dict(strategy.last_evaluation)
+            score = evaluation.get("main", float("nan")) if phase == "finetune" else -evaluation.get("val_loss", float("nan"))
+            better = phase == "finetune" and (score > best_score or not self.checkpoints.best(phase).exists())
+            if better and score == score:
+                best_score = score
+            self.checkpoints.save(phase, run_round, arrays.to_torch_state_dict(), {"val": evaluation, "best_score": best_score},
+                                  best=better)
+            log.info("%s round %d/%d: validation %s", phase, run_round, total, evaluation)
+            return None
+
+        result = strategy.start(grid=self.grid, initial_arrays=ArrayRecord(state), num_rounds=total - done,
+                                timeout=self.cfg.federated.round_timeout, evaluate_fn=after_round)
+        if strategy.kept_previous:
+            self.summary.setdefault("rounds_without_update", {})[phase] = strategy.kept_previous
+        return result.arrays.to_torch_state_dict() if len(result.arrays) else state
+
+    def _best_score(self, phase: str) -> float:
+        point = self.checkpoints.resume_point(phase) if self.resume else None
+        return float(point[2].get("best_score", float("-inf"))) if point else float("-inf")
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN (a metric undefined at a site, e.g. AUC without positives) becomes null: strict JSON."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and value != value:
+        return None
+    return value

@@ -1,0 +1,84 @@
+"""An in-process Flower Grid: the ServerApp's strategies talk to ClientApp objects directly.
+
+For tests, benchmarks and debugging: the very same ServerApp and ClientApp code as a Flower run,
+in one process, sites one after another, no Ray, no network. A caller can make a site crash, stay
+silent or send a doctored update (``crashes``, ``faults``) and inspect every message the server
+sent (``sent``). Flower's own engines (Ray simulation, SuperLink + SuperNodes) are what `fedmae
+simulate` and deployments use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+SERVER_NODE = 1
+Fault = Callable[[Message, Message], Message | None]  # (request, reply) -> reply to deliver, or None (no reply)
+
+
+def serve_as_server(run_id: int) -> None:
+    """Messages built from here on are the ServerApp's (Flower reads the sender from TaskIdentity)."""
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, SERVER_NODE, 1
+
+
+class InProcessGrid(Grid):
+    def __init__(self, client_app: Any, node_configs: list[dict[str, Any]], run_config: dict[str, Any], run_id: int = 7):
+        self.client_app, self.run_id = client_app, run_id
+        serve_as_server(run_id)
+        self.contexts = {
+            100 + i: Context(run_id=run_id, node_id=100 + i, node_config=dict(node), state=RecordDict(),
+                             run_config=dict(run_config))
+            for i, node in enumerate(node_configs)
+        }
+        self.faults: dict[int, Fault] = {}
+        self.crashes: dict[int, Callable[[Message], str | None]] = {}  # node -> why it crashes on this message
+        self.sent: list[Message] = []
+        self.received: list[Message] = []
+        self._next_id = 0
+
+    # Grid's abstract interface; a Flower run sets these up, the tests do not need them.
+    def set_run(self, run: Any) -> None: ...
+
+    @property
+    def run(self) -> Any:
+        raise NotImplementedError
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:
+        raise NotImplementedError
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        raise NotImplementedError
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        replies = []
+        for message in messages:
+            node = message.metadata.dst_node_id
+            self._next_id += 1
+            message.metadata._message_id = f"m{self._next_id}"  # what the SuperLink assigns
+            self.sent.append(message)
+            TaskIdentity.node_id, TaskIdentity.task_id = node, self._next_id
+            try:
+                crash = self.crashes.get(node, lambda m: None)(message)
+                if crash:
+                    raise RuntimeError(crash)
+                reply = self.client_app(message, self.contexts[node])
+            except Exception as err:  # what Flower turns a ClientApp exception into
+                reply = Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=message)
+            finally:
+                serve_as_server(self.run_id)
+            if node in self.faults:
+                reply = self.faults[node](message, reply)
+            if reply is not None:
+                replies.append(reply)
+                self.received.append(reply)
+        return replies

@@ -1,0 +1,174 @@
+"""The fedmae site: a Flower ClientApp. Thin glue over :mod:`fedmae.federated.site`.
+
+Train messages (config ``phase``):
+- ``pretrain``: receive the global encoder, run the round's local MAE epochs, reply with the new
+  encoder and scalar metrics (loss, num-examples, seconds);
+- ``finetune``: the same for the whole fine-tune model (federated fine-tuning).
+Evaluate messages:
+- ``describe``: the site's name, its task outputs and sizes (no weights);
+- ``pretrain``: validation reconstruction loss of the global encoder;
+- ``finetune``: task metrics of the global model on the site's ``split`` (val or test);
+- ``finetune-local``: fine-tune the global encoder on this site's labels alone, select on its
+  validation cases, reply with its test metrics.
+Nothing but weights and scalar metrics with the site's name leaves the site.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedmae.config import ExperimentConfig
+from fedmae.data.cohort import Cohort, SiteData, load_cohort
+from fedmae.federated.settings import experiment_config, output_dir, site_config
+from fedmae.federated.site import SiteFinetuning, SitePretraining, scalar_metrics
+from fedmae.federated.updates import from_wire, to_wire
+
+app = ClientApp()
+
+
+@dataclasses.dataclass
+class SiteRun:
+    """What one site knows during a run; built once per process and site (loading data is slow)."""
+
+    name: str
+    cfg: ExperimentConfig
+    cohort: Cohort  # this site's cohort (one site)
+    state_dir: Path
+    pretraining: SitePretraining | None = None
+    finetuning: SiteFinetuning | None = None
+
+    @property
+    def site(self) -> SiteData:
+        return self.cohort.sites[0]
+
+    def pretrainer(self) -> SitePretraining:
+        if self.pretraining is None:
+            self.pretraining = SitePretraining(self.cfg, self.site, self.cohort.prep, self.state_dir)
+        return self.pretraining
+
+    def finetuner(self) -> SiteFinetuning:
+        if self.finetuning is None:
+            self.finetuning = SiteFinetuning(self.cfg, self.site, self.cohort.prep, self.cohort.task, self.state_dir)
+        return self.finetuning
+
+
+_RUNS: dict[tuple, SiteRun] = {}
+_COHORTS: dict[tuple, Cohort] = {}
+
+
+def site_run(context: Context) -> SiteRun:
+    node = dict(context.node_config)
+    key = (context.run_id, *(tuple(sorted((k, str(v)) for k, v in d.items())) for d in (node, context.run_config)))
+    if key in _RUNS:
+        return _RUNS[key]
+    run_config = dict(context.run_config)
+    cfg = site_config(experiment_config(run_config), node)
+    out = output_dir(run_config, cfg)
+    cohort = _cohort(cfg, context.run_id)
+    if "partition-id" in node:
+        index, count = int(node["partition-id"]), int(node["num-partitions"])
+        if count != len(cohort.sites):
+            raise ValueError(f"the simulation has {count} nodes but the data have {len(cohort.sites)} sites; "
+                             f"start it with num-supernodes={len(cohort.sites)}")
+        site = cohort.sites[index]
+    elif "site" in node and "data-dir" not in node:
+        by_name = {s.name: s for s in cohort.sites}
+        if str(node["site"]) not in by_name:
+            raise ValueError(f"node_config site={node['site']!r} is not one of the data's sites {sorted(by_name)}")
+        site = by_name[str(node["site"])]
+    else:
+        site = dataclasses.replace(cohort.sites[0], name=str(node.get("site", cohort.sites[0].name)))
+    name = site.name
+    state_dir = Path(str(node["state-dir"])) if "state-dir" in node else (
+        Path(str(node["data-dir"])) / ".fedmae-state" / cfg.name if "data-dir" in node else out / "sites")
+    own = dataclasses.replace(cohort, sites=[site])
+    run = SiteRun(name=name, cfg=cfg, cohort=own, state_dir=state_dir)
+    _RUNS[key] = run
+    return run
+
+
+def _cohort(cfg, run_id: int) -> Cohort:
+    # In simulation every virtual site of a process shares one loaded data set.
+    key = (run_id, repr(cfg.data), cfg.seed, cfg.model.name, tuple(cfg.model.img_size), cfg.model.in_channels)
+    if key not in _COHORTS:
+        _COHORTS[key] = load_cohort(cfg)
+    return _COHORTS[key]
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    run = site_run(context)
+    config = msg.content["config"]
+    transport = str(config.get("transport", "fp32"))
+    phase, server_round = str(config["phase"]), int(config["round"])
+    received = msg.content["arrays"].to_torch_state_dict()
+    if phase == "pretrain":
+        trainer = run.pretrainer()
+        state, metrics = trainer.train_round(from_wire(received, transport, _float_reference(received)), server_round,
+                                             proximal_mu=float(config.get("proximal-mu", 0.0)))
+    elif phase == "finetune":
+        trainer = run.finetuner()
+        state, metrics = trainer.train_round(from_wire(received, transport, _float_reference(received)), server_round)
+    else:
+        raise ValueError(f"unknown training phase {phase!r}")
+    return _reply(msg, run, metrics, ArrayRecord(to_wire(state, transport)))
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    run = site_run(context)
+    config = msg.content["config"]
+    phase = str(config["phase"])
+    transport = str(config.get("transport", "fp32"))
+    if phase == "describe":
+        task = run.cohort.task_or_problem
+        outputs = 0 if isinstance(task, str) else task.num_outputs
+        metrics = {"num-outputs": outputs, "num-examples": len(run.site.train) + len(run.site.unlabelled)}
+        return _reply(msg, run, metrics, extra={"class-names": "" if isinstance(task, str) else "\t".join(task.class_names)})
+    received = msg.content["arrays"].to_torch_state_dict()
+    server_round = int(config.get("round", 0))
+    if phase == "pretrain":
+        trainer = run.pretrainer()
+        metrics = trainer.evaluate(from_wire(received, transport, _float_reference(received)), server_round)
+    elif phase == "finetune":
+        trainer = run.finetuner()
+        metrics = trainer.evaluate(from_wire(received, transport, _float_reference(received)), str(config.get("split", "val")))
+    elif phase == "finetune-local":
+        metrics = _finetune_locally(run, from_wire(received, transport, _float_reference(received)))
+    else:
+        raise ValueError(f"unknown evaluation phase {phase!r}")
+    return _reply(msg, run, metrics)
+
+
+def _finetune_locally(run: SiteRun, encoder: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Fine-tune the global encoder on this site's labels alone (model selected on its validation cases)."""
+    from fedmae.checkpoint import save_checkpoint
+    from fedmae.engine.finetune import finetune
+
+    folder = run.state_dir / run.name.replace("/", "_") / "finetune-local"
+    init = save_checkpoint(folder / "global_encoder.pt", kind="global", model_state=encoder, config=run.cfg.to_dict(),
+                           epoch=0, step=0, extra={"phase": "pretrain"})
+    result = finetune(run.cfg, folder / "run", encoder=init, resume=True, cohort=run.cohort)
+    test = result.metrics["pooled"]
+    return {**scalar_metrics(test), "num-examples": len(run.site.test)}
+
+
+def _float_reference(received: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Weights arrive in wire precision (bf16 as int16 bits); floating-point ones become fp32."""
+    return {k: torch.empty(0, dtype=torch.float32) if (v.is_floating_point() or v.dtype == torch.int16) else v
+            for k, v in received.items()}
+
+
+def _reply(msg: Message, run: SiteRun, metrics: dict[str, Any], arrays: ArrayRecord | None = None,
+           extra: dict[str, str] | None = None) -> Message:
+    content = RecordDict({"metrics": MetricRecord({k: float(v) for k, v in metrics.items()}),
+                          "site": ConfigRecord({"name": run.name, **(extra or {})})})
+    if arrays is not None:
+        content["arrays"] = arrays
+    return Message(content, reply_to=msg)

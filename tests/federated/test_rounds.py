@@ -1,0 +1,227 @@
+"""The ServerApp and ClientApp code together, in one process: equivalence, faults, resume, strategies."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from flwr.app import ArrayRecord, Message
+
+from fedmae.checkpoint import load_checkpoint
+from fedmae.data.cohort import load_cohort
+from fedmae.engine.pretrain import pretrain
+from fedmae.federated.global_model import GlobalCheckpoints
+from fedmae.federated.settings import experiment_config
+from fedmae.models.state import encoder_state
+from server.app import FederatedRun
+from sites.app import app as client_app
+from server.inprocess import InProcessGrid
+from tests.tiny import tiny_raw
+
+
+def setup_run(tmp_path: Path, num_sites: int = 2, **sections) -> tuple[InProcessGrid, dict]:
+    defaults = {"data": {"num_sites": num_sites, "cases_per_site": 8, "flip_prob": 0.5},
+                "pretrain": {"epochs": 2, "warmup_epochs": 1}, "finetune": {"epochs": 2, "warmup_epochs": 1},
+                "federated": {"min_sites": 1, "finetune": "none"}}
+    for name, values in sections.items():
+        defaults[name] = {**defaults.get(name, {}), **values}
+    raw = tiny_raw(2, **defaults)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    experiment = tmp_path / "experiment.yaml"
+    experiment.write_text(yaml.safe_dump(raw))
+    run_config = {"experiment": str(experiment), "overrides": "", "output-dir": str(tmp_path / "out"), "resume": False}
+    nodes = [{"partition-id": i, "num-partitions": num_sites} for i in range(num_sites)]
+    return InProcessGrid(client_app, nodes, run_config), run_config
+
+
+def run(grid: InProcessGrid, run_config: dict, resume: bool = False) -> dict:
+    cfg = experiment_config(run_config)
+    return FederatedRun(grid, cfg, Path(run_config["output-dir"]), resume=resume).run()
+
+
+def rounds_log(run_config: dict) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_config["output-dir"]) / "rounds.jsonl").read_text().splitlines()]
+
+
+def global_encoder(run_config: dict, name: str = "pretrain_last.pt") -> dict[str, torch.Tensor]:
+    return encoder_state(load_checkpoint(Path(run_config["output-dir"]) / "global" / name)["model"])
+
+
+def test_one_site_federated_pretraining_equals_centralised(tmp_path):
+    grid, run_config = setup_run(tmp_path, num_sites=1, pretrain={"epochs": 3, "warmup_epochs": 1})
+    run(grid, run_config)
+    cfg = experiment_config(run_config)
+    central = pretrain(cfg, tmp_path / "central", cohort=load_cohort(cfg))
+    expected = encoder_state(load_checkpoint(central.checkpoint)["model"])
+    federated = global_encoder(run_config)
+    assert expected.keys() == federated.keys()
+    for key in expected:
+        torch.testing.assert_close(federated[key], expected[key], rtol=1e-6, atol=1e-7, msg=key)
+
+
+def test_sites_train_on_their_own_data_and_everything_is_logged(tmp_path):
+    grid, run_config = setup_run(tmp_path, num_sites=2, federated={"finetune": "federated", "min_sites": 2})
+    summary = run(grid, run_config)
+    out = Path(run_config["output-dir"])
+    assert {p.name for p in (out / "global").iterdir()} >= {
+        "pretrain_round_0001.pt", "pretrain_round_0002.pt", "pretrain_last.pt", "finetune_last.pt", "finetune_best.pt"}
+    payload = load_checkpoint(out / "global" / "pretrain_round_0002.pt", expect_kind="global")
+    assert payload["extra"] == {"phase": "pretrain", "round": 2} and payload["config"]["name"] == "tiny2d"
+    assert all(k.startswith("encoder.") for k in payload["model"])  # only the encoder is global
+    records = rounds_log(run_config)
+    trained = [(r["phase"], r["round"], r["site"]) for r in records if r.get("status") == "ok"]
+    assert sorted(trained) == sorted((phase, rnd, site) for phase in ("pretrain", "finetune") for rnd in (1, 2)
+                                     for site in ("site-0", "site-1"))
+    assert {r["num-examples"] for r in records if r.get("status") == "ok" and r["phase"] == "pretrain"} == {5.0}
+    assert set(summary["finetune"]["test"]["sites"]) == {"site-0", "site-1"}
+    # The decoder never left the sites: each keeps its own on disk.
+    site_state = load_checkpoint(out / "sites" / "site-0" / "pretrain" / "round_00002.pt", expect_kind="site")
+    assert any(k.startswith("decoder") for k in site_state["model"]) and site_state["optimizer"]
+
+
+def test_pretrain_messages_carry_only_the_encoder_and_half_precision_halves_them(tmp_path):
+    sizes = {}
+    for transport in ("fp32", "fp16", "bf16"):
+        grid, run_config = setup_run(tmp_path / transport, federated={"transport": transport})
+        run(grid, run_config)
+        train = [m for m in grid.sent if m.metadata.message_type == "train"]
+        arrays = train[0].content["arrays"].to_torch_state_dict()
+        assert all(k.startswith("encoder.") for k in arrays)
+        sizes[transport] = sum(t.numel() * t.element_size() for t in arrays.values())
+        final = global_encoder(run_config)
+        assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in final.values() if t.is_floating_point())
+    assert sizes["fp16"] == sizes["bf16"] < 0.51 * sizes["fp32"]
+
+
+def doctored(edit):
+    """A fault that rewrites a site's pre-training update before the server sees it."""
+
+    def fault(request: Message, reply: Message) -> Message:
+        if reply.has_error() or request.metadata.message_type != "train":
+            return reply
+        state = reply.content["arrays"].to_torch_state_dict()
+        edit(state)
+        reply.content["arrays"] = ArrayRecord(state)
+        return reply
+
+    return fault
+
+
+def first_key(state: dict) -> str:
+    return next(k for k in state if k.endswith("weight"))
+
+
+@pytest.mark.parametrize("edit,reason", [
+    (lambda s: s[first_key(s)].fill_(float("nan")), "non-finite values"),
+    (lambda s: s.pop(first_key(s)), "wrong keys: missing"),
+    (lambda s: s.update({"encoder.extra": torch.zeros(2)}), "wrong keys: unexpected encoder.extra"),
+    (lambda s: s.update({first_key(s): torch.zeros(3, 3)}), "wrong shape"),
+])
+def test_a_bad_update_is_rejected_logged_and_never_averaged(tmp_path, edit, reason):
+    grid, run_config = setup_run(tmp_path)
+    healthy = {}
+
+    def keep_healthy(request: Message, reply: Message) -> Message:
+        if request.metadata.message_type == "train":
+            healthy[int(request.content["config"]["round"])] = reply.content["arrays"].to_torch_state_dict()
+        return reply
+
+    grid.faults = {100: doctored(edit), 101: keep_healthy}
+    run(grid, run_config)
+    rejected = [r for r in rounds_log(run_config) if r.get("status") == "rejected"]
+    assert [(r["site"], r["round"]) for r in rejected] == [("site-0", 1), ("site-0", 2)]
+    assert all(reason in r["reason"] for r in rejected)
+    # FedAvg of the one usable update is that update: nothing of the bad one got in.
+    final = global_encoder(run_config)
+    for key, value in healthy[2].items():
+        assert torch.equal(final[key.removeprefix("encoder.")], value), key
+
+
+def test_a_failing_or_silent_site_does_not_stop_the_round(tmp_path):
+    grid, run_config = setup_run(tmp_path, num_sites=3)
+
+    def crash_in_round_2(request: Message) -> str | None:
+        is_round_2 = request.metadata.message_type == "train" and int(request.content["config"]["round"]) == 2
+        return "out of memory at site-1" if is_round_2 else None
+
+    def silent(request: Message, reply: Message) -> Message | None:
+        return None if request.metadata.message_type == "train" else reply
+
+    grid.crashes = {101: crash_in_round_2}
+    grid.faults = {102: silent}
+    run(grid, run_config)
+    log = rounds_log(run_config)
+    statuses = {(r["round"], r["site"]): r["status"] for r in log if "status" in r and r["phase"] == "pretrain"}
+    assert statuses[(1, "site-0")] == statuses[(2, "site-0")] == statuses[(1, "site-1")] == "ok"
+    assert statuses[(2, "site-1")] == "failed" and statuses[(1, "site-2")] == "no reply"
+    failure = next(r for r in log if r.get("status") == "failed")
+    assert "out of memory at site-1" in failure["reason"]
+    summary_lines = [r for r in log if "usable" in r and r["phase"] == "pretrain"]
+    assert [r["usable"] for r in summary_lines] == [2, 1]
+
+
+def test_a_round_without_usable_updates_keeps_the_previous_model(tmp_path):
+    grid, run_config = setup_run(tmp_path, pretrain={"epochs": 3, "warmup_epochs": 1})
+
+    def nan_from_round_2(request: Message, reply: Message) -> Message:
+        if request.metadata.message_type == "train" and int(request.content["config"]["round"]) >= 2:
+            return doctored(lambda s: s[first_key(s)].fill_(float("nan")))(request, reply)
+        return reply
+
+    grid.faults = {100: nan_from_round_2, 101: nan_from_round_2}
+    summary = run(grid, run_config)
+    assert summary["rounds_without_update"]["pretrain"] == [2, 3]
+    after_1 = load_checkpoint(Path(run_config["output-dir"]) / "global" / "pretrain_round_0001.pt")["model"]
+    after_3 = load_checkpoint(Path(run_config["output-dir"]) / "global" / "pretrain_round_0003.pt")["model"]
+    assert all(torch.equal(after_1[k], after_3[k]) for k in after_1)
+    kept = [r for r in rounds_log(run_config) if r.get("kept_previous_model")]
+    assert [r["round"] for r in kept] == [2, 3]
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_a_stopped_run_resumes_with_the_right_rounds_and_ends_as_an_uninterrupted_one(tmp_path, monkeypatch):
+    sections = {"pretrain": {"epochs": 4, "warmup_epochs": 1}}
+    grid, straight = setup_run(tmp_path / "straight", **sections)
+    run(grid, straight)
+
+    grid, stopped = setup_run(tmp_path / "stopped", **sections)
+    original = GlobalCheckpoints.save
+
+    def save_then_stop(self, phase, server_round, *args, **kwargs):
+        path = original(self, phase, server_round, *args, **kwargs)
+        if server_round == 2:
+            raise Interrupted
+        return path
+
+    monkeypatch.setattr(GlobalCheckpoints, "save", save_then_stop)
+    with pytest.raises(Interrupted):
+        run(grid, stopped)
+    monkeypatch.setattr(GlobalCheckpoints, "save", original)
+    with pytest.raises(FileExistsError, match="resume=true"):
+        run(grid, stopped)
+    run(grid, stopped, resume=True)
+
+    trained = [r["round"] for r in rounds_log(stopped) if "usable" in r]
+    assert trained == [1, 2, 3, 4]
+    a, b = global_encoder(straight), global_encoder(stopped)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("strategy", ["fedprox", "fedavgm", "fedadam"])
+def test_each_strategy_runs_and_moves_the_model_its_own_way(tmp_path, strategy):
+    grid, fedavg = setup_run(tmp_path / "fedavg")
+    run(grid, fedavg)
+    grid, other = setup_run(tmp_path / strategy, federated={"strategy": strategy, "server_lr": 0.1})
+    run(grid, other)
+    a, b = global_encoder(fedavg), global_encoder(other)
+    assert all(torch.isfinite(t).all() for t in b.values() if t.is_floating_point())
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    if strategy == "fedprox":
+        train = next(m for m in grid.sent if m.metadata.message_type == "train")
+        assert float(train.content["config"]["proximal-mu"]) == pytest.approx(0.01)

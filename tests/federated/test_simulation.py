@@ -1,0 +1,50 @@
+"""`fedmae simulate` end to end on Flower's simulation engine (Ray): real processes, offline."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from fedmae.checkpoint import load_checkpoint
+from tests.test_cli import fedmae, write_config
+from tests.tiny import tiny_raw
+
+FLOWER_PROCESSES = ("flower-superlink", "flower-superexec", "flwr-simulation", "raylet", "gcs_server")
+
+
+def flower_processes() -> list[str]:
+    """Live Flower / Ray processes. Exited ones that the container's init has not reaped yet
+    ("<defunct>" zombies, reparented to PID 1) hold nothing and are not counted."""
+    lines = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout.splitlines()
+    return [line for line in lines if any(name in line for name in FLOWER_PROCESSES) and "<defunct>" not in line]
+
+
+@pytest.mark.slow
+def test_simulate_runs_sites_as_flower_clients_and_leaves_nothing_running(tmp_path):
+    before = flower_processes()
+    raw = tiny_raw(2, data={"num_sites": 2, "cases_per_site": 8}, pretrain={"epochs": 2, "warmup_epochs": 1},
+                   finetune={"epochs": 2, "warmup_epochs": 1}, federated={"min_sites": 2, "round_timeout": 300})
+    config = write_config(tmp_path, raw)
+    result = fedmae("simulate", "--config", str(config), "--output", "fed", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = tmp_path / "fed"
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["sites"]) == {"site-0", "site-1"}
+    assert set(summary["finetune"]["test"]["sites"]) == {"site-0", "site-1"}
+    assert load_checkpoint(out / "global" / "pretrain_last.pt", expect_kind="global")["extra"]["round"] == 2
+    records = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+    assert {(r["round"], r["site"]) for r in records if r.get("status") == "ok" and r["phase"] == "pretrain"} == {
+        (1, "site-0"), (1, "site-1"), (2, "site-0"), (2, "site-1")}
+    assert "global checkpoints:" in result.stdout
+    assert flower_processes() == before, "a Flower or Ray process outlived the run"
+
+
+def test_simulate_checks_the_config_and_data_before_starting_flower(tmp_path):
+    raw = tiny_raw(2, federated={"local_epochs": 2}, pretrain={"epochs": 3})
+    result = fedmae("simulate", "--config", str(write_config(tmp_path, raw)), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "federated.local_epochs: must be at least 1 and divide pretrain.epochs (3), got 2" in result.stderr
+    assert not Path(tmp_path / "runs").exists()
