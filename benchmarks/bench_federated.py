@@ -62,18 +62,13 @@ def in_process(folder: Path, args: argparse.Namespace, transport: str) -> dict:
     start = time.perf_counter()
     FederatedRun(grid, experiment_config(run_config), folder / "out", resume=False).run()
     seconds = time.perf_counter() - start
-    down = [_bytes(m) for m in grid.sent if m.metadata.message_type == "train"]
-    up = [_bytes(m) for m in grid.received if m.metadata.message_type == "train" and not m.has_error()]
+    down = [b for direction, kind, b in grid.traffic if direction == "down" and kind == "train"]
+    up = [b for direction, kind, b in grid.traffic if direction == "up" and kind == "train"]
     records = [json.loads(line) for line in (folder / "out" / "rounds.jsonl").read_text().splitlines()]
     last_round = max(r["round"] for r in records if "evaluation" in r)
     evals = [r["evaluation"] for r in records if "evaluation" in r and r["round"] == last_round]
     val = sum(e["val_loss"] * e["num-examples"] for e in evals) / sum(e["num-examples"] for e in evals)
     return {"seconds": seconds, "down": max(down), "up": max(up), "val_loss": val}
-
-
-def _bytes(message) -> int:
-    arrays = message.content.get("arrays") if "arrays" in message.content else None
-    return 0 if arrays is None else sum(len(a.data) for a in arrays.values())
 
 
 def flower(folder: Path, args: argparse.Namespace) -> float:

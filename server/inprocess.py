@@ -37,7 +37,9 @@ class InProcessGrid(Grid):
         self.faults: dict[int, Fault] = {}
         self.crashes: dict[int, Callable[[Message], str | None]] = {}  # node -> why it crashes on this message
         self.sent: list[Message] = []
-        self.received: list[Message] = []
+        # (direction, message type, bytes of weights) as they crossed the "wire", before the server
+        # converts anything: what a real deployment would transmit.
+        self.traffic: list[tuple[str, str, int]] = []
         self._next_id = 0
 
     # Grid's abstract interface; a Flower run sets these up, the tests do not need them.
@@ -66,6 +68,7 @@ class InProcessGrid(Grid):
             self._next_id += 1
             message.metadata._message_id = f"m{self._next_id}"  # what the SuperLink assigns
             self.sent.append(message)
+            self.traffic.append(("down", message.metadata.message_type, weight_bytes(message)))
             TaskIdentity.node_id, TaskIdentity.task_id = node, self._next_id
             try:
                 crash = self.crashes.get(node, lambda m: None)(message)
@@ -80,5 +83,13 @@ class InProcessGrid(Grid):
                 reply = self.faults[node](message, reply)
             if reply is not None:
                 replies.append(reply)
-                self.received.append(reply)
+                if not reply.has_error():
+                    self.traffic.append(("up", message.metadata.message_type, weight_bytes(reply)))
         return replies
+
+
+def weight_bytes(message: Message) -> int:
+    """Bytes of the weights a message carries (its ArrayRecord), 0 without one."""
+    if message.has_error() or "arrays" not in message.content:
+        return 0
+    return sum(len(array.data) for array in message.content["arrays"].values())

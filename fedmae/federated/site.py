@@ -50,16 +50,36 @@ class _SiteRounds:
         self.state_dir = Path(state_dir) / site.name.replace("/", "_") / self.phase
         self.device = resolve_device(device or cfg.device)
         self.step = 0
+        # The model and optimiser after the last round this object trained, so the next round
+        # skips rebuilding and reloading them; the disk copy is what survives a restart.
+        self._live: tuple[int, torch.nn.Module, torch.optim.Optimizer] | None = None
+
+    def _build(self) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        raise NotImplementedError
+
+    def _start_round(self, server_round: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        """This site's model and optimiser as they were after its latest round before ``server_round``."""
+        if self._live is not None and self._live[0] == server_round - 1 and self._latest_saved(server_round) == server_round - 1:
+            return self._live[1], self._live[2]
+        model, optimizer = self._build()
+        self._restore(server_round, model, optimizer)
+        return model, optimizer
+
+    def _latest_saved(self, before: int) -> int | None:
+        rounds = [r for r, _ in self._saved() if r < before]
+        return rounds[-1] if rounds else None
+
+    def _saved(self) -> list[tuple[int, Path]]:
+        return sorted(
+            (int(m.group(1)), p) for p in self.state_dir.glob("round_*.pt") if (m := re.match(r"round_(\d+)\.pt$", p.name))
+        )
 
     def _state_path(self, server_round: int) -> Path:
         return self.state_dir / f"round_{server_round:05d}.pt"
 
     def _restore(self, server_round: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Load the state this site had after its latest round before ``server_round``."""
-        saved = sorted(
-            (int(m.group(1)), p) for p in self.state_dir.glob("round_*.pt") if (m := re.match(r"round_(\d+)\.pt$", p.name))
-        )
-        earlier = [(r, p) for r, p in saved if r < server_round]
+        earlier = [(r, p) for r, p in self._saved() if r < server_round]
         if not earlier:
             self.step = 0
             return
@@ -74,9 +94,9 @@ class _SiteRounds:
             epoch=server_round, step=self.step, optimizer_state=optimizer.state_dict(), metrics=metrics,
             extra={"site": self.site.name, "phase": self.phase},
         )
-        rounds = sorted(self.state_dir.glob("round_*.pt"))
-        for old in rounds[:-KEEP_STATES]:
+        for _, old in self._saved()[:-KEEP_STATES]:
             old.unlink(missing_ok=True)
+        self._live = (server_round, model, optimizer)
 
 
 class SitePretraining(_SiteRounds):
@@ -106,8 +126,7 @@ class SitePretraining(_SiteRounds):
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Local epochs from the global encoder; returns the new encoder (``encoder.*`` keys) and metrics."""
         watch = Stopwatch()
-        model, optimizer = self._build()
-        self._restore(server_round, model, optimizer)
+        model, optimizer = self._start_round(server_round)
         load_encoder(model, _strip(global_encoder))
         loss_fn = mae_loss if proximal_mu <= 0 else _proximal(mae_loss, model, proximal_mu)
         E = self.cfg.federated.local_epochs
@@ -126,8 +145,9 @@ class SitePretraining(_SiteRounds):
 
     def evaluate(self, global_encoder: dict[str, torch.Tensor], server_round: int) -> dict[str, Any]:
         """Validation reconstruction loss of the global encoder with this site's decoder."""
-        model, optimizer = self._build()
-        self._restore(server_round + 1, model, optimizer)  # the decoder after this round
+        # The decoder after this round. Loading the global encoder into the live model changes
+        # nothing the next round would not: it starts by loading the same global encoder.
+        model, _ = self._start_round(server_round + 1)
         load_encoder(model, _strip(global_encoder))
         loss = reconstruction_loss(model, self.val_set, self.cfg, self.device) if len(self.val_set) else math.nan
         return {"val_loss": loss, "num-examples": len(self.val_set)}
@@ -160,8 +180,7 @@ class SiteFinetuning(_SiteRounds):
 
     def train_round(self, global_model: dict[str, torch.Tensor], server_round: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         watch = Stopwatch()
-        model, optimizer = self._build()
-        self._restore(server_round, model, optimizer)
+        model, optimizer = self._start_round(server_round)
         load_model_state(model, global_model, "global model")
         device = self.device
 

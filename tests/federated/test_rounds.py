@@ -225,3 +225,31 @@ def test_each_strategy_runs_and_moves_the_model_its_own_way(tmp_path, strategy):
     if strategy == "fedprox":
         train = next(m for m in grid.sent if m.metadata.message_type == "train")
         assert float(train.content["config"]["proximal-mu"]) == pytest.approx(0.01)
+
+
+def test_local_finetuning_reports_each_sites_own_test_metrics(tmp_path):
+    grid, run_config = setup_run(tmp_path, federated={"finetune": "local"})
+    summary = run(grid, run_config)
+    test = summary["finetune"]["test"]
+    assert summary["finetune"]["mode"] == "local" and set(test["sites"]) == {"site-0", "site-1"}
+    assert all("mean_auc" in metrics and metrics["num-examples"] == 2 for metrics in test["sites"].values())
+    # Each site fine-tuned alone, from the global encoder, on its own disk.
+    for site in ("site-0", "site-1"):
+        run_dir = Path(run_config["output-dir"]) / "sites" / site / "finetune-local" / "run"
+        assert (run_dir / "checkpoint_best.pt").is_file()
+    replies = [kind for direction, kind, _ in grid.traffic if direction == "up"]
+    assert replies.count("train") == 4  # two pre-training rounds x two sites; fine-tuning trained no global model
+
+
+def test_federated_finetuning_selects_the_round_best_on_validation(tmp_path):
+    grid, run_config = setup_run(tmp_path, federated={"finetune": "federated"}, finetune={"epochs": 3, "warmup_epochs": 1})
+    summary = run(grid, run_config)
+    records = [json.loads(line) for line in (Path(run_config["output-dir"]) / "rounds.jsonl").read_text().splitlines()]
+    per_round = {}
+    for r in records:
+        if r["phase"] == "finetune" and "evaluation" in r:
+            per_round.setdefault(r["round"], []).append(r["evaluation"])
+    selected = summary["finetune"]["selected_round"]
+    best = load_checkpoint(Path(run_config["output-dir"]) / "global" / "finetune_best.pt", expect_kind="global")
+    assert best["extra"]["round"] == selected and set(per_round) == {1, 2, 3}
+    assert set(summary["finetune"]["test"]["sites"]) == {"site-0", "site-1"}
