@@ -10,6 +10,7 @@ inspection can report all of them; the loader decides whether they are fatal.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -116,3 +117,30 @@ def resolve_path(root: Path, path: str) -> Path:
     """A path from an index file: relative paths are relative to the data set's folder."""
     resolved = Path(path)
     return resolved if resolved.is_absolute() else root / resolved
+
+
+def listed_case(
+    case_id: str,
+    images: list[Path],
+    label: Path | None,
+    fields: Mapping[str, object],
+    split: str | None,
+    listed_in: str,
+    problems: list[Problem],
+) -> Case | None:
+    """A case from an index entry (a dataset.json entry, a manifest row), or None when a file it
+    lists is missing: each missing file becomes a problem naming where it was listed."""
+    missing = [p for p in [*images, label] if p is not None and not p.is_file()]
+    for path in missing:
+        what = "label" if path == label else "image"
+        problems.append(Problem(str(path), f"{what} listed in {listed_in} does not exist", case_id))
+    if missing:
+        return None
+    return Case(
+        case_id=case_id,
+        image=str(images[0]) if len(images) == 1 else tuple(map(str, images)),
+        label=str(label) if label else None,
+        site=str(fields.get("site") or ""),  # JSON null means "not given"
+        patient=str(fields.get("patient") or ""),
+        split=split,
+    )

@@ -12,7 +12,17 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fedmae.data.catalog import UNLABELLED, Case, Catalog, DataError, Modality, Problem, nifti_stem, resolve_path
+from fedmae.data.catalog import (
+    UNLABELLED,
+    Case,
+    Catalog,
+    DataError,
+    Modality,
+    Problem,
+    listed_case,
+    nifti_stem,
+    resolve_path,
+)
 
 # Channel names seen in MSD and BraTS data sets; anything else is neither CT nor MRI.
 MRI_CHANNELS = {"mri", "flair", "t1", "t1w", "t1gd", "t1ce", "t2", "t2w", "adc", "dwi", "pd", "t2-flair"}
@@ -82,22 +92,9 @@ def _case(root: Path, index: Path, list_name: str, position: int, entry: Any, sp
         return None
     label_path = resolve_path(root, label) if label else None
     case_id = str(entry.get("case_id") or nifti_stem(images[0]))
-    missing = [p for p in [*image_paths, label_path] if p is not None and not p.is_file()]
-    for path in missing:
-        what = "label" if path == label_path else "image"
-        problems.append(Problem(str(path), f"{what} listed in dataset.json ({where}) does not exist", case_id))
-    if missing:
-        return None
-    if label_path is None:
-        split = UNLABELLED  # no annotation (e.g. imagesTs): pre-training can still use the image
-    return Case(
-        case_id=case_id,
-        image=str(image_paths[0]) if len(image_paths) == 1 else tuple(map(str, image_paths)),
-        label=str(label_path) if label_path else None,
-        site=str(entry.get("site") or ""),
-        patient=str(entry.get("patient") or ""),
-        split=split,
-    )
+    # No annotation (e.g. imagesTs): pre-training can still use the image.
+    split = UNLABELLED if label_path is None else split
+    return listed_case(case_id, image_paths, label_path, entry, split, f"dataset.json ({where})", problems)
 
 
 def _channel_names(meta: dict[str, Any], index: Path) -> tuple[str, ...]:

@@ -6,26 +6,20 @@ import dataclasses
 from pathlib import Path
 
 from fedmae.config import ExperimentConfig, config_from_dict
-from fedmae.data.catalog import DataError, Problem
+from fedmae.data.catalog import Catalog, DataError, Problem
+from fedmae.data.checks import ScanResult
 from fedmae.data.cohort import build_cohort, read_and_check
 from fedmae.data.sources import detect_source
 from fedmae.data.summary import inspect_report
+from fedmae.data.tasks import TaskSpec
 
 
 def inspect_config(cfg: ExperimentConfig, quick: bool = False) -> tuple[str, list[Problem]]:
     """Report on the data an experiment would use, as it would use them (sites, splits)."""
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, check="quick" if quick else cfg.data.check))
     catalog, task, checked = read_and_check(cfg)
-    problems = list(checked.problems)
-    if isinstance(task, str):
-        problems.append(Problem(catalog.root, task))
-    try:
-        # Inspection writes nothing: a missing split file is drawn but not saved.
-        cohort = build_cohort(cfg, catalog, task, checked, skip_bad_cases=True, write_split_file=False)
-    except DataError as err:
-        cohort = None
-        problems.append(Problem(catalog.root, str(err)))
-    return inspect_report(catalog, checked, cohort, problems), problems
+    extra = [Problem(catalog.root, task)] if isinstance(task, str) else []
+    return _report(cfg, catalog, task, checked, extra)
 
 
 def inspect_path(path: Path, modality: str | None = None, quick: bool = False) -> tuple[str, list[Problem]]:
@@ -41,8 +35,15 @@ def inspect_path(path: Path, modality: str | None = None, quick: bool = False) -
         raw["data"]["modality"] = "other"
     cfg = config_from_dict(raw, source=str(path))
     catalog, task, checked = read_and_check(cfg, channels=None)
-    problems = list(checked.problems)
+    return _report(cfg, catalog, task, checked, [])
+
+
+def _report(cfg: ExperimentConfig, catalog: Catalog, task: TaskSpec | str, checked: ScanResult,
+            extra: list[Problem]) -> tuple[str, list[Problem]]:
+    """Sites and splits as a run would make them (bad cases left out), and every problem."""
+    problems = [*checked.problems, *extra]
     try:
+        # Inspection writes nothing: a missing split file is drawn but not saved.
         cohort = build_cohort(cfg, catalog, task, checked, skip_bad_cases=True, write_split_file=False)
     except DataError as err:
         cohort = None

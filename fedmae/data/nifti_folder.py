@@ -15,7 +15,19 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fedmae.data.catalog import SPLITS, UNLABELLED, Case, Catalog, DataError, Modality, Problem, is_nifti, nifti_stem, resolve_path
+from fedmae.data.catalog import (
+    SPLITS,
+    UNLABELLED,
+    Case,
+    Catalog,
+    DataError,
+    Modality,
+    Problem,
+    is_nifti,
+    listed_case,
+    nifti_stem,
+    resolve_path,
+)
 
 MANIFEST_COLUMNS = {"image", "label", "site", "patient", "split", "case_id"}
 
@@ -90,24 +102,13 @@ def _from_manifest(root: Path, manifest: Path, problems: list[Problem]) -> list[
         image_paths = [resolve_path(root, p) for p in (images if isinstance(images, list) else [images])]
         label_path = resolve_path(root, row["label"]) if row.get("label") else None
         case_id = str(row.get("case_id") or nifti_stem(str(image_paths[0])))
-        missing = [p for p in [*image_paths, label_path] if p is not None and not p.is_file()]
-        for path in missing:
-            what = "label" if path == label_path else "image"
-            problems.append(Problem(str(path), f"{what} listed in {where} does not exist", case_id))
-        if missing:
-            continue
         split = row.get("split") or None
         if split is not None and split not in (*SPLITS, UNLABELLED):
             problems.append(Problem(str(manifest), f"{where}: split must be one of {', '.join((*SPLITS, UNLABELLED))}, got {split!r}", case_id))
             continue
-        cases.append(Case(
-            case_id=case_id,
-            image=str(image_paths[0]) if len(image_paths) == 1 else tuple(map(str, image_paths)),
-            label=str(label_path) if label_path else None,
-            site=str(row.get("site") or ""),
-            patient=str(row.get("patient") or ""),
-            split=split,
-        ))
+        case = listed_case(case_id, image_paths, label_path, row, split, where, problems)
+        if case is not None:
+            cases.append(case)
     return cases
 
 
