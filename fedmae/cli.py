@@ -139,6 +139,8 @@ def _simulate(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
     from fedmae.federated.simulate import simulate
 
     out = _output(cfg, args, "federated").absolute()
+    if (out / "global" / "pretrain_last.pt").exists() and not args.resume:
+        raise FileExistsError(f"{out} already holds a federated run; pass --resume to continue it or choose another --output")
     cohort = load_cohort(cfg)  # check the data (and count the sites) before Flower starts
     status = simulate(args.config, args.set, cfg, len(cohort.sites), out, resume=args.resume)
     summary = out / "summary.json"

@@ -59,6 +59,8 @@ def simulate(config_path: Path, overrides: list[str], cfg: ExperimentConfig, num
     env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
            "FLWR_DISABLE_UPDATE_CHECK": "1"}
     output_dir.mkdir(parents=True, exist_ok=True)
+    # A terminated `fedmae simulate` must still stop what it started: SIGTERM unwinds like Ctrl-C.
+    previous_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
     superlink_log = (output_dir / "superlink.log").open("ab")
     superlink = subprocess.Popen(
         [_tool("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
@@ -82,6 +84,11 @@ def simulate(config_path: Path, overrides: list[str], cfg: ExperimentConfig, num
         _stop(superlink)
         superlink_log.close()
         shutil.rmtree(home, ignore_errors=True)
+        signal.signal(signal.SIGTERM, previous_handler)
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _tool(name: str) -> str:
