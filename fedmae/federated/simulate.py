@@ -118,21 +118,55 @@ def _wait_until_healthy(process: subprocess.Popen, port: int, log_file: Path) ->
 
 
 def _stop(process: subprocess.Popen) -> None:
-    """Stop the SuperLink and everything it started (SuperExec, simulation, Ray) by process group."""
-    if process.poll() is not None:
-        return
-    for sig, wait in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=wait)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-    # Children that outlive the leader still belong to its group.
+    """Stop the SuperLink and everything it started: SuperExec, the simulation process and Ray.
+
+    The simulation process is started in a session of its own, so signalling the SuperLink's
+    process group does not reach it: the whole process tree is collected first (after the
+    SuperLink dies its children are re-parented and can no longer be found), then terminated,
+    then killed if still alive.
+    """
+    tree = [process.pid, *_descendants(process.pid)]
+    for pid in tree:
+        _signal(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 15.0
+    while time.monotonic() < deadline and any(_alive(pid) for pid in tree):
+        time.sleep(0.2)
+    for pid in tree:
+        if _alive(pid):  # only what is still running: a dead pid may have been reused
+            _signal(pid, signal.SIGKILL)
     try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
+        process.wait(timeout=5.0)
+    except subprocess.TimeoutExpired:
         pass
+
+
+def _descendants(root: int) -> list[int]:
+    listing = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True).stdout
+    children: dict[int, list[int]] = {}
+    for line in listing.splitlines():
+        fields = line.split()
+        if len(fields) == 2 and fields[0].isdigit() and fields[1].isdigit():
+            children.setdefault(int(fields[1]), []).append(int(fields[0]))
+    found, stack = [], [root]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    # A zombie (exited, not yet reaped) still answers signal 0 but holds nothing.
+    status = Path(f"/proc/{pid}/stat")
+    return not (status.is_file() and ") Z" in status.read_text())
