@@ -66,10 +66,22 @@ def save_checkpoint(
         "extra": dict(extra or {}),
         "versions": package_versions(),
     }
+    return _atomic_write(path, lambda handle: torch.save(payload, handle))
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write a small text file (a result, a report) so that readers never see half of it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return _atomic_write(path, lambda handle: handle.write(text.encode()))
+
+
+def _atomic_write(path: Path, write) -> Path:
+    """Temp file in the same folder + fsync + rename: a crash leaves the old file or the new one."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)

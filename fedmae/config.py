@@ -89,6 +89,9 @@ class TaskConfig:
     multi_label: bool | None = None
     hd95: bool = False  # segmentation: also compute the 95th-percentile Hausdorff distance (slow)
     class_names: tuple[str, ...] | None = None  # name the outputs when the source does not (segmentation: background first)
+    # Classification: predict only these of the data's findings (e.g. [Effusion, Cardiomegaly]);
+    # null: all of them.
+    findings: tuple[str, ...] | None = None
     # Sigmoid segmentation of overlapping regions, each a set of label values, e.g. BraTS (MSD labels
     # 1 edema, 2 non-enhancing, 3 enhancing): {TC: [2, 3], WT: [1, 2, 3], ET: [3]}. null: one channel per class.
     regions: dict[str, tuple[int, ...]] | None = None
@@ -137,6 +140,26 @@ class FederatedConfig:
     transport: Literal["fp32", "fp16", "bf16"] = "fp32"  # precision of the weights on the wire (averaged in fp32)
     finetune: Literal["federated", "local", "none"] = "federated"  # after pre-training: FedAvg of the whole model, each site alone, or stop
     finetune_local_epochs: int = 1  # federated fine-tuning: epochs per round; rounds = finetune.epochs / this
+    # Skip federated pre-training and fine-tune from this pre-training checkpoint's encoder
+    # (fedmae pretrain's or a global one), or from a random initialisation ("random").
+    start_from: str | None = None
+
+
+ARMS = ("centralised", "federated", "local", "none")
+
+
+@dataclass
+class CompareConfig:
+    # `fedmae compare`: pre-training arms run on the same data, splits and budget, then fine-tuned
+    # by one protocol. centralised: all sites' training images pooled; federated: FedAvg of the
+    # encoder on Flower's simulation engine (the federated section); local: each site alone;
+    # none: random initialisation.
+    arms: tuple[str, ...] = ARMS
+    seeds: tuple[int, ...] = (0,)  # every arm runs once per seed; the report gives mean and std
+    # local: each site fine-tunes its arm's encoder on its own labels and is tested on its own
+    # test cases; federated: FedAvg of the whole fine-tune model across the sites (Flower).
+    finetune: Literal["local", "federated"] = "local"
+    reconstructions: int = 4  # validation cases shown through the federated encoder (0: no figure)
 
 
 @dataclass
@@ -151,6 +174,7 @@ class ExperimentConfig:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     federated: FederatedConfig = field(default_factory=FederatedConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
 
     # ---- derived values: computed here only ----
     @property
@@ -469,6 +493,11 @@ def validate(cfg: ExperimentConfig, source: str) -> None:
     t = cfg.task
     if t.class_names is not None and (not t.class_names or len(set(t.class_names)) != len(t.class_names)):
         fail("task.class_names", f"needs distinct names, got {list(t.class_names)}")
+    if t.findings is not None:
+        if t.type != "classification":
+            fail("task.findings", "selects classification findings; segmentation uses class_names / regions")
+        if not t.findings or len(set(t.findings)) != len(t.findings):
+            fail("task.findings", f"needs one or more distinct finding names, got {list(t.findings)}")
     if t.regions is not None:
         if t.type != "segmentation":
             fail("task.regions", "regions are for segmentation")
@@ -516,5 +545,20 @@ def validate(cfg: ExperimentConfig, source: str) -> None:
             fail(f"federated.{key}", f"must be positive, got {getattr(fed, key)}")
     if fed.proximal_mu < 0 or not 0.0 <= fed.server_momentum < 1.0:
         fail("federated.proximal_mu", "proximal_mu must be non-negative and server_momentum in [0, 1)")
+    if fed.start_from not in (None, "random") and not Path(fed.start_from).expanduser().is_file():
+        fail("federated.start_from", f"needs 'random' or a pre-training checkpoint; {fed.start_from} is not a file")
+    if fed.start_from is not None and fed.finetune == "none":
+        fail("federated.start_from", "skips pre-training, so federated.finetune must be federated or local")
+    c = cfg.compare
+    unknown = [a for a in c.arms if a not in ARMS]
+    if unknown or not c.arms or len(set(c.arms)) != len(c.arms):
+        fail("compare.arms", f"needs distinct arms from {', '.join(ARMS)}, got {list(c.arms)}")
+    if not c.seeds or len(set(c.seeds)) != len(c.seeds):
+        fail("compare.seeds", f"needs one or more distinct seeds, got {list(c.seeds)}")
+    if c.finetune == "federated" and "local" in c.arms:
+        fail("compare.finetune", "federated fine-tuning starts every site from one encoder, but the local arm has "
+             "one per site; use finetune: local or drop local from compare.arms")
+    if c.reconstructions < 0:
+        fail("compare.reconstructions", f"must be non-negative, got {c.reconstructions}")
     if cfg.device != "auto" and cfg.device != "cpu" and not cfg.device.startswith("cuda"):
         fail("device", f"must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")

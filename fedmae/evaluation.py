@@ -118,3 +118,27 @@ def _number(value: float) -> float | None:
 def _nanmean(values: Iterable[float | None]) -> float | None:
     defined = [v for v in values if v is not None]
     return float(np.mean(defined)) if defined else None
+
+
+def weighted_mean(per_site: Iterable[dict[str, float]], weight: str = "num-examples") -> dict[str, float]:
+    """Each metric's mean over sites weighted by their examples, skipping sites where it is NaN."""
+    per_site = list(per_site)
+    names = {k for metrics in per_site for k in metrics if k != weight}
+    result = {}
+    for name in sorted(names):
+        pairs = [(m[name], m.get(weight, 1.0)) for m in per_site if name in m and math.isfinite(m[name])]
+        total = sum(w for _, w in pairs)
+        result[name] = sum(v * w for v, w in pairs) / total if total else math.nan
+    result[weight] = float(sum(m.get(weight, 0.0) for m in per_site))
+    return result
+
+
+def finite_or_null(value: Any) -> Any:
+    """NaN (a metric undefined at a site, e.g. AUC without positives) becomes None (null): strict JSON."""
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    if isinstance(value, float) and value != value:
+        return None
+    return value

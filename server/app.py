@@ -26,7 +26,9 @@ from fedmae.engine.loop import MetricsLog
 from fedmae.federated.global_model import GlobalCheckpoints, initial_encoder, initial_finetune_model
 from fedmae.federated.settings import experiment_config, output_dir
 from fedmae.federated.updates import to_wire
-from server.strategy import build_strategy, weighted_mean
+from fedmae.models.state import ENCODER_PREFIX
+from fedmae.evaluation import finite_or_null, weighted_mean
+from server.strategy import build_strategy
 
 log = logging.getLogger("fedmae.server")
 app = ServerApp()
@@ -55,14 +57,15 @@ class FederatedRun:
     def run(self) -> dict[str, Any]:
         started = time.monotonic()
         sites = self.describe_sites()
-        encoder = self.pretrain(len(sites))
+        start = self.cfg.federated.start_from
+        encoder = self.pretrain(len(sites)) if start is None else self.starting_encoder(start)
         mode = self.cfg.federated.finetune
         if mode == "federated":
             self.finetune_federated(sites, encoder)
         elif mode == "local":
             self.finetune_local(encoder)
         self.summary["seconds"] = round(time.monotonic() - started, 1)
-        (self.out / "summary.json").write_text(json.dumps(_json_safe(self.summary), indent=2))
+        (self.out / "summary.json").write_text(json.dumps(finite_or_null(self.summary), indent=2))
         log.info("federated run done in %.0f s; outputs in %s", self.summary["seconds"], self.out)
         return self.summary
 
@@ -116,6 +119,18 @@ class FederatedRun:
             state = self._rounds("pretrain", num_sites, state, done, total)
         self.summary["pretrain"] = {"rounds": total, "checkpoint": str(self.checkpoints.last("pretrain"))}
         return state
+
+    def starting_encoder(self, start: str) -> dict[str, torch.Tensor]:
+        """federated.start_from: fine-tune a given encoder (or a random one) without pre-training here."""
+        self.summary["pretrain"] = {"start_from": start}
+        if start == "random":
+            return initial_encoder(self.cfg)
+        from fedmae.checkpoint import load_checkpoint
+
+        payload = load_checkpoint(start)
+        if payload["kind"] not in ("mae", "global"):
+            raise ValueError(f"federated.start_from: {start} is a {payload['kind']} checkpoint, not a pre-training one")
+        return {k: v for k, v in payload["model"].items() if k.startswith(ENCODER_PREFIX)}
 
     def finetune_federated(self, sites: dict[int, dict[str, Any]], encoder: dict[str, torch.Tensor]) -> None:
         outputs = {s["outputs"] for s in sites.values()}
@@ -185,14 +200,3 @@ class FederatedRun:
     def _best_score(self, phase: str) -> float:
         point = self.checkpoints.resume_point(phase) if self.resume else None
         return float(point[2].get("best_score", float("-inf"))) if point else float("-inf")
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN (a metric undefined at a site, e.g. AUC without positives) becomes null: strict JSON."""
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, float) and value != value:
-        return None
-    return value

@@ -25,6 +25,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 
 from fedmae.config import ExperimentConfig
 from fedmae.engine.loop import MetricsLog
+from fedmae.evaluation import weighted_mean
 from fedmae.federated.updates import from_wire, to_wire, update_problem
 
 log = logging.getLogger("fedmae.server")
@@ -169,18 +170,3 @@ def build_strategy(cfg: ExperimentConfig, phase: str, num_sites: int, **setup: A
 
 def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-
-
-
-
-def weighted_mean(per_site: Iterable[dict[str, float]], weight: str = "num-examples") -> dict[str, float]:
-    """Each metric's mean over sites weighted by their examples, skipping sites where it is NaN."""
-    per_site = list(per_site)
-    names = {k for metrics in per_site for k in metrics if k != weight}
-    result = {}
-    for name in sorted(names):
-        pairs = [(m[name], m.get(weight, 1.0)) for m in per_site if name in m and math.isfinite(m[name])]
-        total = sum(w for _, w in pairs)
-        result[name] = sum(v * w for v, w in pairs) / total if total else math.nan
-    result[weight] = float(sum(m.get(weight, 0.0) for m in per_site))
-    return result

@@ -81,18 +81,13 @@ def test_bad_encoder_checkpoint_is_one_line(tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "ft").exists()
 
 
-@pytest.mark.slow
-def test_demo_compares_pretrained_and_scratch_and_reuses_finished_stages(tmp_path):
-    config = write_config(tmp_path, tiny_raw(2, "segmentation", pretrain={"epochs": 2}, finetune={"epochs": 2}))
-    first = fedmae("demo", "--config", str(config), "--output", "demo", cwd=tmp_path)
-    assert first.returncode == 0, first.stderr
-    summary = json.loads((tmp_path / "demo/summary.json").read_text())
-    assert set(summary["arms"]) == {"MAE self pre-trained", "from scratch"}
-    for name, arm in summary["arms"].items():
-        score = arm["pooled"]["mean_dice"]
-        assert f"{score:.3f}" in next(line for line in first.stdout.splitlines() if line.startswith(name))
-    assert summary["arms"]["from scratch"]["init"] == "random"
-    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "demo").rglob("checkpoint_last.pt")}
-    again = fedmae("demo", "--config", str(config), "--output", "demo", cwd=tmp_path)
-    assert again.returncode == 0, again.stderr
-    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # nothing retrained
+def test_demo_is_the_comparison_and_prints_its_table(tmp_path):
+    raw = tiny_raw(2, "segmentation", pretrain={"epochs": 2}, finetune={"epochs": 2},
+                   compare={"arms": ["centralised", "none"], "reconstructions": 1})
+    result = fedmae("demo", "--config", str(write_config(tmp_path, raw)), "--output", "demo", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "demo/results.json").read_text())
+    for arm, title in (("centralised", "centralised"), ("none", "no pre-training")):
+        score = results["summary"]["arms"][arm]["pooled"]["mean_dice"]["mean"]
+        assert f"{score:.3f}" in next(line for line in result.stdout.splitlines() if line.startswith(f"| {title} |"))
+    assert f"report: {tmp_path / 'demo' / 'report.md'}" in result.stdout

@@ -24,6 +24,7 @@ class TaskSpec:
     exclusive_source: bool = False  # classification: the source's classes are one-hot already
     seg_classes: tuple[str, ...] = ()  # segmentation: the label map's values, 0 = background
     channel_values: tuple[tuple[int, ...], ...] = ()  # sigmoid segmentation: label values per output channel
+    finding_columns: tuple[int, ...] | None = None  # classification: which of the data's findings are predicted
 
     @property
     def num_outputs(self) -> int:
@@ -41,12 +42,21 @@ def resolve_task(cfg: ExperimentConfig, catalog: Catalog) -> TaskSpec | str:
             if len(t.class_names) != len(findings):
                 return f"task.class_names: {len(t.class_names)} names for {len(findings)} classes in {catalog.root}"
             findings = tuple(t.class_names)
+        columns = None
+        if t.findings is not None:
+            unknown = [name for name in t.findings if name not in findings]
+            if unknown:
+                return f"task.findings: {unknown[0]!r} is not one of the data's findings {list(findings)}"
+            if catalog.exclusive:
+                return "task.findings: the data's classes are exclusive (multi-class); a subset would leave cases without a class"
+            columns = tuple(findings.index(name) for name in t.findings)
+            findings = tuple(t.findings)
         multi_label = not catalog.exclusive if t.multi_label is None else t.multi_label
         if multi_label or catalog.exclusive:
             names = findings
         else:
             names = ("no_finding", *findings)  # multi-class from multi-label findings: the first one present
-        return TaskSpec("classification", multi_label, names, exclusive_source=catalog.exclusive)
+        return TaskSpec("classification", multi_label, names, exclusive_source=catalog.exclusive, finding_columns=columns)
 
     classes = tuple(t.class_names) if t.class_names is not None else catalog.seg_classes
     if not classes:
@@ -77,6 +87,8 @@ def target_of(case: Case, task: TaskSpec) -> np.ndarray | str:
         if case.findings is None:
             raise ValueError(f"case {case.case_id} has no findings, needed for classification")
         findings = np.asarray(case.findings, dtype=np.float32)
+        if task.finding_columns is not None:
+            findings = findings[list(task.finding_columns)]
         if task.multi_label:
             return findings
         positive = np.flatnonzero(findings > 0.5)

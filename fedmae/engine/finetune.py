@@ -154,6 +154,8 @@ def evaluate_sites(model: nn.Module, cohort: Cohort, cfg: ExperimentConfig, devi
     """Metrics on one split, pooled over all sites and per site."""
     task, prep = cohort.task, cohort.prep
     pooled = evaluate_dataset(model, finetuning_dataset(cohort.cases(split), task, cfg, prep, False), task, cfg, device)
+    if len(cohort.sites) == 1:  # one site (a site fine-tuning alone): its metrics are the pooled ones
+        return {"split": split, "pooled": pooled, "sites": {cohort.sites[0].name: pooled} if cohort.sites[0].split(split) else {}}
     per_site = {
         site.name: evaluate_dataset(model, finetuning_dataset(site.split(split), task, cfg, prep, False), task, cfg, device)
         for site in cohort.sites

@@ -20,7 +20,8 @@ from fedmae.models.state import load_model_state
 log = logging.getLogger(__name__)
 
 # Settings that may change between an interrupted run and its resumption without changing the result.
-_RESUME_FREE_KEYS = {"output_dir", "device", "data.num_workers"}
+# (A comparison's arms, seeds and figure decide which runs exist, not what one computes.)
+_RESUME_FREE_KEYS = {"output_dir", "device", "data.num_workers", "compare.arms", "compare.seeds", "compare.reconstructions"}
 
 
 @dataclass

@@ -283,3 +283,18 @@ def test_pretraining_from_files_never_opens_a_label_file(tmp_path):
         label.unlink()  # ... and pre-training must not need them at all
     result = pretrain(cfg, tmp_path / "run", cohort=cohort)
     assert result.metrics["epoch"] == 1
+
+
+def test_a_subset_of_the_findings_becomes_the_task(cxr_root):
+    raw = tiny_raw(2, data={"source": "chestxray14", "root": str(cxr_root), "num_sites": 1, "image_size": [32, 32]},
+                   task={"findings": ["Effusion", "Atelectasis"]})
+    cohort = load_cohort(config_from_dict(raw))
+    everything = load_cohort(config_from_dict(tiny_raw(2, data=raw["data"])))
+    assert cohort.task.class_names == ("Effusion", "Atelectasis")
+    columns = [everything.task.class_names.index(name) for name in ("Effusion", "Atelectasis")]
+    dataset = finetuning_dataset(cohort.cases("train"), cohort.task, config_from_dict(raw), cohort.prep, train=False)
+    for case, item in zip(cohort.cases("train"), dataset):
+        np.testing.assert_array_equal(np.asarray(item["label"]), np.asarray(case.findings, dtype=np.float32)[columns])
+    raw["task"]["findings"] = ["Effusion", "Fracture of the moon"]
+    with pytest.raises(DataError, match="task.findings: 'Fracture of the moon' is not one of the data's findings"):
+        _ = load_cohort(config_from_dict(raw)).task

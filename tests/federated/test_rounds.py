@@ -253,3 +253,26 @@ def test_federated_finetuning_selects_the_round_best_on_validation(tmp_path):
     best = load_checkpoint(Path(run_config["output-dir"]) / "global" / "finetune_best.pt", expect_kind="global")
     assert best["extra"]["round"] == selected and set(per_round) == {1, 2, 3}
     assert set(summary["finetune"]["test"]["sites"]) == {"site-0", "site-1"}
+
+
+def test_start_from_fine_tunes_a_given_encoder_without_pretraining_rounds(tmp_path):
+    finetune_only = {"finetune": "federated", "min_sites": 2}
+    grid, run_config = setup_run(tmp_path / "central", num_sites=2)
+    cfg = experiment_config(run_config)
+    central = pretrain(cfg, tmp_path / "central" / "pretrain", cohort=load_cohort(cfg))
+    finals = {}
+    for start in (str(central.checkpoint), "random"):
+        folder = tmp_path / ("from-central" if start != "random" else "from-random")
+        grid, run_config = setup_run(folder, num_sites=2, federated={**finetune_only, "start_from": start})
+        summary = run(grid, run_config)
+        out = Path(run_config["output-dir"])
+        assert not list((out / "global").glob("pretrain_*")) and (out / "global" / "finetune_best.pt").is_file()
+        assert {r["phase"] for r in rounds_log(run_config)} == {"finetune"}
+        assert set(summary["finetune"]["test"]["sites"]) == {"site-0", "site-1"}
+        finals[start] = load_checkpoint(out / "global" / "finetune_last.pt")["model"]
+    # Fine-tuning really started from the given encoder: the two runs end differently.
+    key = next(k for k in finals["random"] if k.startswith("encoder.") and finals["random"][k].is_floating_point())
+    assert not torch.equal(finals["random"][key], finals[str(central.checkpoint)][key])
+    grid, run_config = setup_run(tmp_path / "bad", num_sites=2, federated={**finetune_only, "start_from": "missing.pt"})
+    with pytest.raises(ValueError, match="federated.start_from: needs 'random' or a pre-training checkpoint"):
+        experiment_config(run_config)

@@ -1,0 +1,161 @@
+"""The comparison's report: results.json and results.csv with every figure, and report.md with the
+main table (arm x site, mean +- std over seeds), a reading generated from the numbers, and plots."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+from fedmae.checkpoint import atomic_write_text
+from fedmae.comparison.arms import ARM_TITLES
+from fedmae.config import ExperimentConfig
+from fedmae.evaluation import finite_or_null
+
+POOLED = "pooled"
+
+
+def summarise(results: list[dict[str, Any]], cfg: ExperimentConfig) -> dict[str, Any]:
+    """Mean and std over seeds of every metric, per arm and site (and pooled over the sites)."""
+    main = results[0]["main"]
+    arms = [a for a in cfg.compare.arms if any(r["arm"] == a for r in results)]
+    sites = sorted({s for r in results for s in r["sites"]})
+    summary: dict[str, Any] = {}
+    for arm in arms:
+        runs = [r for r in results if r["arm"] == arm]
+        metrics = sorted({k for r in runs for k in r["pooled"] if k != "num-examples"})
+        entry: dict[str, Any] = {"seeds": [r["seed"] for r in runs], POOLED: {}, "sites": {}}
+        for metric in metrics:
+            entry[POOLED][metric] = _stats([r["pooled"].get(metric) for r in runs])
+            for site in sites:
+                entry["sites"].setdefault(site, {})[metric] = _stats([r["sites"].get(site, {}).get(metric) for r in runs])
+        entry["final_val_loss"] = _stats([r["final_val_loss"] for r in runs])
+        entry["pretrain_seconds"] = _stats([r["seconds"]["pretrain"] for r in runs])
+        entry["total_seconds"] = _stats([r["seconds"]["total"] for r in runs])
+        summary[arm] = entry
+    return {"main": main, "finetune": cfg.compare.finetune, "seeds": list(cfg.compare.seeds), "sites": sites,
+            "arms": summary}
+
+
+def write_report(out: Path, results: list[dict[str, Any]], cfg: ExperimentConfig, plots: dict[str, Path]) -> Path:
+    out = Path(out)
+    summary = summarise(results, cfg)
+    atomic_write_text(out / "results.json", json.dumps(finite_or_null(
+        {"summary": summary, "runs": results, "config": cfg.to_dict()}), indent=2, allow_nan=False))
+    atomic_write_text(out / "results.csv", _csv(results))
+    lines = [
+        f"# fedmae comparison: {cfg.name}",
+        "",
+        _setup(cfg, summary),
+        "",
+        main_table(summary),
+        "",
+        _reading(summary),
+        "",
+    ]
+    for title, path in plots.items():
+        lines += [f"## {title}", "", f"![{title}]({path.relative_to(out).as_posix()})", ""]
+    lines += ["Every figure: `results.json` (means, stds, each run and its pre-training curve) and `results.csv` "
+              "(one row per seed, arm, site and metric). Each arm's runs and checkpoints: `seed-<S>/<arm>/`.", ""]
+    report = out / "report.md"
+    atomic_write_text(report, "\n".join(lines))
+    return report
+
+
+def main_table(summary: dict[str, Any]) -> str:
+    """Markdown: one row per arm; the main test metric pooled and per site, mean +- std over seeds."""
+    main, sites = summary["main"], summary["sites"]
+    header = ["arm", f"test {main}, pooled", *[f"{site}" for site in sites], "final val recon. loss", "pre-training s"]
+    rows = []
+    for arm, entry in summary["arms"].items():
+        rows.append([ARM_TITLES[arm], cell(entry[POOLED][main]), *[cell(entry["sites"][s][main]) for s in sites],
+                     cell(entry["final_val_loss"], digits=4), cell(entry["pretrain_seconds"], digits=0, std=False)])
+    return "\n".join("| " + " | ".join(row) + " |" for row in [header, ["---"] * len(header), *rows])
+
+
+def cell(stats: dict[str, Any], digits: int = 3, std: bool = True) -> str:
+    """'0.612 ± 0.010' (std over seeds; none shown for one seed); 'n/a' when undefined."""
+    mean = stats.get("mean")
+    if mean is None:
+        return "n/a"
+    text = f"{mean:.{digits}f}"
+    if std and stats.get("n", 0) > 1 and stats.get("std") is not None:
+        text += f" ± {stats['std']:.{digits}f}"
+    return text
+
+
+def _setup(cfg: ExperimentConfig, summary: dict[str, Any]) -> str:
+    protocol = ("each site fine-tunes its arm's encoder on its own labels and is tested on its own test cases"
+                if cfg.compare.finetune == "local" else
+                "the sites fine-tune the whole model together (FedAvg on Flower) from the arm's encoder")
+    seeds = summary["seeds"]
+    return (f"{len(summary['sites'])} sites, {cfg.spatial_dims}D {cfg.task.type}, model {cfg.model.name}; "
+            f"pre-training budget {cfg.pretrain.epochs} epochs for every arm (federated: {cfg.pretrain_rounds} rounds of "
+            f"{cfg.federated.local_epochs} local epoch(s), {cfg.federated.strategy}); fine-tuning: {protocol}, "
+            f"{cfg.finetune.epochs} epochs, {cfg.finetune.label_fraction:.0%} of the training labels, model chosen on "
+            f"validation, reported on test. Pooled = sites' test metrics weighted by their test cases. "
+            f"{len(seeds)} seed(s) ({', '.join(map(str, seeds))})" + (": mean ± std." if len(seeds) > 1 else "."))
+
+
+def _reading(summary: dict[str, Any]) -> str:
+    """One paragraph that says what the table says, computed from it."""
+    main, arms = summary["main"], summary["arms"]
+    pooled = {arm: e[POOLED][main] for arm, e in arms.items() if e[POOLED][main].get("mean") is not None}
+    if not pooled:
+        return f"No arm produced a test {main}."
+    ranked = sorted(pooled, key=lambda a: -pooled[a]["mean"])
+    best = ranked[0]
+    sentences = [f"On pooled test {main}, the {ARM_TITLES[best]} arm scores best ({cell(pooled[best])})"
+                 + (f", then {', '.join(f'{ARM_TITLES[a]} ({cell(pooled[a])})' for a in ranked[1:])}." if len(ranked) > 1 else ".")]
+    noise = max((s.get("std") or 0.0) for s in pooled.values())
+    many_seeds = max(s.get("n", 1) for s in pooled.values()) > 1
+
+    def compare(a: str, b: str, what: str) -> None:
+        if a in pooled and b in pooled:
+            diff = pooled[a]["mean"] - pooled[b]["mean"]
+            size = ("within the seed-to-seed spread" if many_seeds and abs(diff) <= noise else
+                    "from a single seed, so the size of the noise is unknown" if not many_seeds else "beyond the seed spread")
+            sentences.append(f"{what}: {diff:+.3f} ({size}).")
+
+    compare("federated", "centralised", "Federated minus centralised")
+    if all(a in pooled for a in ("federated", "centralised", "none")):
+        gain = pooled["centralised"]["mean"] - pooled["none"]["mean"]
+        if many_seeds and 0 < gain <= noise:
+            sentences.append(f"The centralised gain over no pre-training ({gain:+.3f}) is within the seed spread, so "
+                             "the share of it that federation recovers is not meaningful here.")
+        elif gain > 0:
+            share = (pooled["federated"]["mean"] - pooled["none"]["mean"]) / gain
+            sentences.append(f"Federation recovers {share:.0%} of the centralised gain over no pre-training.")
+        else:
+            sentences.append("Centralised pre-training does not beat no pre-training here, so there is no "
+                             "centralised gain for federation to recover.")
+    compare("federated", "local", "Federated minus each site pre-training alone")
+    compare("centralised", "none", "Centralised pre-training minus no pre-training")
+    compare("local", "none", "Local-only pre-training minus no pre-training")
+    return " ".join(sentences)
+
+
+def _stats(values: list[float | None]) -> dict[str, Any]:
+    finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not finite:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": statistics.fmean(finite), "std": statistics.stdev(finite) if len(finite) > 1 else 0.0,
+            "n": len(finite)}
+
+
+def _csv(results: list[dict[str, Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["seed", "arm", "site", "metric", "value"])
+    for r in results:
+        for site, metrics in [*sorted(r["sites"].items()), (POOLED, r["pooled"])]:
+            for metric, value in sorted(metrics.items()):
+                writer.writerow([r["seed"], r["arm"], site, metric, "" if value is None else value])
+        writer.writerow([r["seed"], r["arm"], POOLED, "final_val_loss", "" if r["final_val_loss"] is None else r["final_val_loss"]])
+        for phase, seconds in r["seconds"].items():
+            writer.writerow([r["seed"], r["arm"], POOLED, f"seconds_{phase}", seconds])
+    return buffer.getvalue()

@@ -1,0 +1,136 @@
+"""`fedmae compare` end to end on tiny budgets: every arm, the report, resuming a stopped comparison."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from fedmae.comparison.report import cell
+from tests.federated.test_simulation import flower_processes
+from tests.test_cli import fedmae, write_config
+from tests.tiny import tiny_raw
+
+
+def comparison_config(tmp_path: Path, **compare) -> Path:
+    raw = tiny_raw(2, data={"num_sites": 2, "cases_per_site": 10}, pretrain={"epochs": 2, "warmup_epochs": 1},
+                   finetune={"epochs": 2, "warmup_epochs": 1}, federated={"min_sites": 2, "round_timeout": 300},
+                   compare={"reconstructions": 2, **compare})
+    return write_config(tmp_path, raw)
+
+
+def table_rows(report: str) -> dict[str, list[str]]:
+    """The report's main table: arm title -> its cells."""
+    lines = [line for line in report.splitlines() if line.startswith("| ")]
+    return {cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines[2:])}
+
+
+def check_report(out: Path, arms: list[str], seeds: list[int]) -> dict:
+    results = json.loads((out / "results.json").read_text())
+    assert sorted((r["seed"], r["arm"]) for r in results["runs"]) == sorted((s, a) for s in seeds for a in arms)
+    summary = results["summary"]
+    main, sites = summary["main"], summary["sites"]
+    assert main == "mean_auc" and sites == ["site-0", "site-1"]
+    # The table shows exactly the numbers in results.json.
+    rows = table_rows((out / "report.md").read_text())
+    titles = {"centralised": "centralised", "federated": "federated (FedAvg)", "local": "local only", "none": "no pre-training"}
+    assert set(rows) == {titles[a] for a in arms}
+    for arm in arms:
+        entry, shown = summary["arms"][arm], rows[titles[arm]]
+        assert shown[0] == cell(entry["pooled"][main])
+        assert shown[1:3] == [cell(entry["sites"][s][main]) for s in sites]
+        assert shown[3] == cell(entry["final_val_loss"], digits=4)
+        runs = [r["pooled"][main] for r in results["runs"] if r["arm"] == arm]
+        if entry["pooled"][main]["mean"] is not None:
+            assert float(shown[0].split(" ")[0]) == pytest.approx(sum(runs) / len(runs), abs=5e-4)
+        assert (len(seeds) > 1) == ("±" in shown[0])
+    assert (out / "report.md").read_text().count("![") == 3
+    # Every run's figures are in the CSV, one row per seed, arm, site and metric.
+    with (out / "results.csv").open() as f:
+        rows_csv = list(csv.DictReader(f))
+    for r in results["runs"]:
+        value = next(row["value"] for row in rows_csv if (row["seed"], row["arm"], row["site"], row["metric"]) ==
+                     (str(r["seed"]), r["arm"], "pooled", main))
+        assert value == "" if r["pooled"][main] is None else float(value) == pytest.approx(r["pooled"][main])
+    for name in ("pretrain_loss", "downstream", "reconstructions"):
+        with Image.open(out / "plots" / f"{name}.png") as image:
+            image.verify()
+            assert image.size[0] > 300 and image.size[1] > 200
+    return results
+
+
+@pytest.mark.slow
+def test_compare_runs_every_arm_with_flower_and_writes_the_report(tmp_path):
+    before = flower_processes()
+    config = comparison_config(tmp_path)
+    result = fedmae("compare", "--config", str(config), "--output", "cmp", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = tmp_path / "cmp"
+    results = check_report(out, ["centralised", "federated", "local", "none"], [0])
+    # The federated arm ran on Flower: global checkpoints per round, each site's rounds logged.
+    assert (out / "seed-0/federated/flower/global/pretrain_last.pt").is_file()
+    rounds = [json.loads(line) for line in (out / "seed-0/federated/flower/rounds.jsonl").read_text().splitlines()]
+    assert {(r["round"], r["site"]) for r in rounds if r.get("status") == "ok"} == {
+        (1, "site-0"), (1, "site-1"), (2, "site-0"), (2, "site-1")}
+    federated = next(r for r in results["runs"] if r["arm"] == "federated")
+    assert [p["epoch"] for p in federated["pretrain_curve"]] == [1, 2]
+    assert "none" in [r["arm"] for r in results["runs"]] and next(
+        r for r in results["runs"] if r["arm"] == "none")["pretrain_curve"] == []
+    assert re.search(r"seed 0 \| federated \(FedAvg\) \| pre-training round 2/2", result.stderr)  # the progress display
+    assert "| centralised |" in result.stdout and "report:" in result.stdout
+    assert flower_processes() == before, "a Flower or Ray process outlived the comparison"
+
+
+def test_several_seeds_give_mean_and_std_and_a_stopped_comparison_resumes(tmp_path):
+    config = comparison_config(tmp_path, arms=["centralised", "local", "none"], seeds=[0, 1])
+    first = fedmae("compare", "--config", str(config), "--output", "cmp", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    out = tmp_path / "cmp"
+    check_report(out, ["centralised", "local", "none"], [0, 1])
+    # Stop it "during" seed 1's local arm: that arm's result is gone, its checkpoints remain.
+    (out / "seed-1/local/result.json").unlink()
+    (out / "seed-1/none/result.json").unlink()
+    kept = {p: p.stat().st_mtime_ns for p in out.rglob("*.pt")}
+    finished = {p: p.stat().st_mtime_ns for p in out.rglob("result.json")}
+    again = fedmae("compare", "--config", str(config), "--output", "cmp", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stderr.count("finished earlier; skipped") == 4
+    assert all(p.stat().st_mtime_ns == t for p, t in finished.items())  # finished arms were not redone
+    assert all(p.stat().st_mtime_ns == t for p, t in kept.items())  # the stopped arm resumed, nothing retrained
+    assert (out / "seed-1/local/result.json").is_file() and (out / "seed-1/none/result.json").is_file()
+    check_report(out, ["centralised", "local", "none"], [0, 1])
+    # A rerun with a different experiment is refused in one line; adding a seed is not a different experiment.
+    changed = fedmae("compare", "--config", str(config), "--output", "cmp", "--set", "pretrain.epochs=3", cwd=tmp_path)
+    assert changed.returncode == 2 and "pretrain.epochs" in changed.stderr and len(changed.stderr.strip().splitlines()) == 1
+
+
+def test_compare_config_mistakes_are_one_line(tmp_path):
+    config = comparison_config(tmp_path)
+    for setting, expected in (("compare.finetune=federated", "compare.finetune: federated fine-tuning starts"),
+                              ("compare.arms=[central]", "compare.arms: needs distinct arms from centralised"),
+                              ("compare.seeds=[1, 1]", "compare.seeds: needs one or more distinct seeds")):
+        result = fedmae("compare", "--config", str(config), "--output", "cmp", "--set", setting, cwd=tmp_path)
+        assert result.returncode == 2 and expected in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "cmp").exists()
+
+
+@pytest.mark.slow
+def test_federated_fine_tuning_protocol_runs_every_arm_on_flower(tmp_path):
+    config = comparison_config(tmp_path, arms=["federated", "none"], finetune="federated", reconstructions=0)
+    result = fedmae("compare", "--config", str(config), "--output", "cmp", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = tmp_path / "cmp"
+    results = json.loads((out / "results.json").read_text())
+    assert {r["arm"]: r["finetune"] for r in results["runs"]} == {"federated": "federated", "none": "federated"}
+    # The federated arm fine-tuned in its own Flower run; the none arm from a random encoder in another.
+    assert (out / "seed-0/federated/flower/global/finetune_best.pt").is_file()
+    none_run = json.loads((out / "seed-0/none/flower-finetune/summary.json").read_text())
+    assert none_run["pretrain"] == {"start_from": "random"} and not list((out / "seed-0/none/flower-finetune/global").glob("pretrain_*"))
+    for r in results["runs"]:
+        assert set(r["sites"]) == {"site-0", "site-1"}
+    assert "fine-tuning round 2/2" in result.stderr
+    assert "MAE reconstructions" not in (out / "report.md").read_text()
