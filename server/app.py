@@ -183,7 +183,8 @@ class FederatedRun:
             run_round = server_round + done
             evaluation = dict(strategy.last_evaluation)
             score = evaluation.get("main", float("nan")) if phase == "finetune" else -evaluation.get("val_loss", float("nan"))
-            better = phase == "finetune" and (score > best_score or not self.checkpoints.best(phase).exists())
+            # Ties go to the later round (see fedmae.engine.finetune).
+            better = phase == "finetune" and (score >= best_score or not self.checkpoints.best(phase).exists())
             if better and score == score:
                 best_score = score
             self.checkpoints.save(phase, run_round, arrays.to_torch_state_dict(), {"val": evaluation, "best_score": best_score},

@@ -128,7 +128,9 @@ def finetune(
             "seconds": round(epoch_watch.seconds, 3),
         }
         metrics_log.write(record)
-        if score > best_score or not best.exists():
+        # Ties go to the later epoch: a validation metric that saturates on a small set (AUC 1.0)
+        # must not freeze the choice at the first, least-trained epoch that reached it.
+        if score >= best_score or not best.exists():
             best_score = max(score, best_score)
             save_checkpoint(
                 best, kind="finetune", model_state=model.state_dict(), config=cfg.to_dict(), epoch=epoch + 1,
