@@ -1,4 +1,4 @@
-"""The ``fedmae`` command: pretrain, finetune, evaluate, simulate, compare, demo, data inspect.
+"""The ``fedmae`` command: pretrain, finetune, evaluate, simulate, compare, demo, data inspect, pki.
 
 Every command reads one YAML experiment file (``--config``) with ``--set key.sub=value``
 overrides. Mistakes the user can fix (config, files, checkpoints) end with one line on stderr and
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
-        if args.command == "data":
+        if args.command in ("data", "pki"):
             return args.run(args)
         cfg = load_config(args.config, args.set)
         return args.run(cfg, args)
@@ -68,6 +68,25 @@ def _parser() -> argparse.ArgumentParser:
             "budget, one fine-tuning protocol, several seeds; writes report.md, results and plots (rerun to resume)")
     command("demo", _compare, "the comparison on the built-in multi-hospital data (a few minutes on a CPU)",
             config_required=False)
+
+    pki = commands.add_parser("pki", help="TLS certificates and site keys for a deployment (private keys 0600)")
+    pki_commands = pki.add_subparsers(dest="pki_command", required=True)
+    ca = pki_commands.add_parser("ca", help="create the federation's certificate authority (ca.key, ca.crt)")
+    ca.add_argument("--out", type=Path, required=True, help="folder for ca.key and ca.crt (keep ca.key offline)")
+    ca.add_argument("--name", default="fedmae federation CA", help="the CA's common name")
+    ca.add_argument("--days", type=int, default=3650, help="validity in days (default 3650)")
+    server = pki_commands.add_parser("server", help="the SuperLink's TLS certificate, signed by the CA")
+    server.add_argument("--ca", type=Path, required=True, help="folder holding ca.key and ca.crt")
+    server.add_argument("--out", type=Path, required=True, help="folder for server.key and server.pem")
+    server.add_argument("--san", action="append", default=[], required=True, metavar="NAME_OR_IP",
+                        help="a host name or IP address the sites dial (repeatable)")
+    server.add_argument("--days", type=int, default=825, help="validity in days (default 825)")
+    site = pki_commands.add_parser("site", help="a site's authentication key pair (OpenSSH, EC P-384)")
+    site.add_argument("name", help="the site's name, e.g. hospital-a")
+    site.add_argument("--out", type=Path, required=True, help="folder for NAME.key and NAME.pub")
+    for sub in (ca, server, site):
+        sub.add_argument("--force", action="store_true", help="replace existing files (default: refuse)")
+        sub.set_defaults(run=_pki)
 
     data = commands.add_parser("data", help="look at a data set before training on it")
     data_commands = data.add_subparsers(dest="data_command", required=True)
@@ -175,6 +194,28 @@ def _compare(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
     from fedmae.comparison.run import run_comparison
 
     run_comparison(cfg, args.config, args.set, _output(cfg, args, "compare"))
+    return 0
+
+
+def _pki(args: argparse.Namespace) -> int:
+    from fedmae.deploy import pki
+
+    if args.pki_command == "ca":
+        key, cert = pki.create_ca(args.out, args.name, args.days, overwrite=args.force)
+        print(f"CA private key: {key} (0600) - keep it offline; it signs the SuperLink's certificate")
+        print(f"CA certificate: {cert} - copy to every site (flower-supernode --root-certificates) and to "
+              "the machine that runs `flwr run` (root-certificates in its connection)")
+    elif args.pki_command == "server":
+        key, cert = pki.issue_server_certificate(args.ca, args.out, args.san, args.days, overwrite=args.force)
+        print(f"SuperLink TLS key: {key} (0600) and certificate: {cert}, valid for {', '.join(args.san)}")
+        print(f"start the SuperLink with --ssl-ca-certfile {Path(args.ca) / pki.CA_CERT} --ssl-certfile {cert} "
+              f"--ssl-keyfile {key}")
+    else:
+        key, public = pki.create_site_keys(args.out, args.name, overwrite=args.force)
+        print(f"site {args.name}: private key {key} (0600) stays at the site "
+              f"(flower-supernode --auth-supernode-private-key {key})")
+        print(f"public key {public}: give it to the coordinator, who registers it "
+              f"(flwr supernode register {public} <connection>)")
     return 0
 
 

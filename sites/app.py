@@ -107,14 +107,13 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     transport = str(config.get("transport", "fp32"))
     phase, server_round = str(config["phase"]), int(config["round"])
-    received = msg.content["arrays"].to_torch_state_dict()
+    received = _global_model(msg, transport)
     if phase == "pretrain":
         trainer = run.pretrainer()
-        state, metrics = trainer.train_round(from_wire(received, transport, _float_reference(received)), server_round,
-                                             proximal_mu=float(config.get("proximal-mu", 0.0)))
+        state, metrics = trainer.train_round(received, server_round, proximal_mu=float(config.get("proximal-mu", 0.0)))
     elif phase == "finetune":
         trainer = run.finetuner()
-        state, metrics = trainer.train_round(from_wire(received, transport, _float_reference(received)), server_round)
+        state, metrics = trainer.train_round(received, server_round)
     else:
         raise ValueError(f"unknown training phase {phase!r}")
     return _reply(msg, run, metrics, ArrayRecord(to_wire(state, transport)))
@@ -131,16 +130,16 @@ def evaluate(msg: Message, context: Context) -> Message:
         outputs = 0 if isinstance(task, str) else task.num_outputs
         metrics = {"num-outputs": outputs, "num-examples": len(run.site.train) + len(run.site.unlabelled)}
         return _reply(msg, run, metrics, extra={"class-names": "" if isinstance(task, str) else "\t".join(task.class_names)})
-    received = msg.content["arrays"].to_torch_state_dict()
+    received = _global_model(msg, transport)
     server_round = int(config.get("round", 0))
     if phase == "pretrain":
         trainer = run.pretrainer()
-        metrics = trainer.evaluate(from_wire(received, transport, _float_reference(received)), server_round)
+        metrics = trainer.evaluate(received, server_round)
     elif phase == "finetune":
         trainer = run.finetuner()
-        metrics = trainer.evaluate(from_wire(received, transport, _float_reference(received)), str(config.get("split", "val")))
+        metrics = trainer.evaluate(received, str(config.get("split", "val")))
     elif phase == "finetune-local":
-        metrics = _finetune_locally(run, from_wire(received, transport, _float_reference(received)))
+        metrics = _finetune_locally(run, received)
     else:
         raise ValueError(f"unknown evaluation phase {phase!r}")
     return _reply(msg, run, metrics)
@@ -157,6 +156,17 @@ def _finetune_locally(run: SiteRun, encoder: dict[str, torch.Tensor]) -> dict[st
     result = finetune(run.cfg, folder / "run", encoder=init, resume=True, cohort=run.cohort)
     test = result.metrics["pooled"]
     return {**scalar_metrics(test), "num-examples": len(run.site.test)}
+
+
+def _global_model(msg: Message, transport: str) -> dict[str, torch.Tensor]:
+    """The server's weights in fp32. A model that is not finite is refused here (the reply becomes
+    an error the server logs); one of the wrong architecture is refused by the strict load."""
+    received = msg.content["arrays"].to_torch_state_dict()
+    state = from_wire(received, transport, _float_reference(received))
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise ValueError(f"refusing the server's model: non-finite values (NaN/Inf) in {bad}")
+    return state
 
 
 def _float_reference(received: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

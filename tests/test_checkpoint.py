@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import pickle
+import subprocess
 
 import pytest
 import torch
 
-from fedmae.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from fedmae.checkpoint import CheckpointError, digest_path, load_checkpoint, save_checkpoint
 
 
 def save_small(path, **kwargs):
@@ -24,7 +25,7 @@ def test_round_trip_carries_config_versions_and_progress(tmp_path):
     assert payload["config"] == {"name": "x"} and payload["epoch"] == 1 and payload["step"] == 3
     assert {"torch", "timm", "monai", "python", "fedmae"} <= set(payload["versions"])
     assert payload["metrics"]["loss"] == 0.5
-    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary file left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt", "c.pt.sha256"]  # no temporary file left behind
 
 
 def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -37,7 +38,7 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         save_small(path, epoch=2)
     assert load_checkpoint(path)["epoch"] == 1
-    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt", "c.pt.sha256"]
 
 
 class _Exploit:
@@ -59,14 +60,17 @@ def test_pickled_objects_are_refused_not_executed(tmp_path):
 @pytest.mark.parametrize("content,words", [
     (None, "checkpoint file not found"),
     (b"", "not a readable fedmae checkpoint"),
-    ("truncated", "not a readable fedmae checkpoint"),
+    ("truncated", "SHA-256 differs from c.pt.sha256"),
+    ("truncated, no manifest", "not a readable fedmae checkpoint"),
     ("foreign", "not a fedmae checkpoint"),
 ])
 def test_unusable_files_give_one_line(tmp_path, content, words):
     path = tmp_path / "c.pt"
-    if content == "truncated":
+    if isinstance(content, str) and content.startswith("truncated"):
         save_small(path)
         path.write_bytes(path.read_bytes()[:200])
+        if content.endswith("no manifest"):
+            digest_path(path).unlink()
     elif content == "foreign":
         torch.save({"state_dict": {}}, path)
     elif content is not None:
@@ -80,3 +84,15 @@ def test_wrong_kind_is_refused(tmp_path):
     path = save_small(tmp_path / "c.pt")
     with pytest.raises(CheckpointError, match="expected a finetune checkpoint"):
         load_checkpoint(path, expect_kind="finetune")
+
+
+def test_an_altered_checkpoint_is_refused_and_the_manifest_is_sha256sum_format(tmp_path):
+    path = save_small(tmp_path / "c.pt")
+    check = subprocess.run(["sha256sum", "-c", "c.pt.sha256"], cwd=tmp_path, capture_output=True, text=True)
+    assert check.returncode == 0 and "c.pt: OK" in check.stdout
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one flipped bit, same size: torch might still load it
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="c.pt: SHA-256 differs from c.pt.sha256"):
+        load_checkpoint(path)
+

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from fedmae.checkpoint import load_checkpoint, save_checkpoint
+from fedmae.checkpoint import load_checkpoint, remove_checkpoint, save_checkpoint
 from fedmae.config import ExperimentConfig
 from fedmae.engine.loop import seed_everything
 from fedmae.models.factory import build_finetune_model, build_mae
@@ -56,7 +56,7 @@ class GlobalCheckpoints:
             save_checkpoint(self.best(phase), **kwargs)
         if self.keep > 0:
             for old in sorted(self.folder.glob(f"{phase}_round_*.pt"))[: -self.keep]:
-                old.unlink(missing_ok=True)
+                remove_checkpoint(old)
         return path
 
     def resume_point(self, phase: str) -> tuple[int, dict[str, torch.Tensor], dict[str, Any]] | None:

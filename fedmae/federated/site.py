@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from fedmae.checkpoint import load_checkpoint, save_checkpoint
+from fedmae.checkpoint import load_checkpoint, remove_checkpoint, save_checkpoint
 from fedmae.config import ExperimentConfig
 from fedmae.data.cohort import SiteData
 from fedmae.data.datasets import epoch_seed, finetuning_dataset, label_subset, make_loader, pretraining_dataset
@@ -95,7 +95,7 @@ class _SiteRounds:
             extra={"site": self.site.name, "phase": self.phase},
         )
         for _, old in self._saved()[:-KEEP_STATES]:
-            old.unlink(missing_ok=True)
+            remove_checkpoint(old)
         self._live = (server_round, model, optimizer)
 
 

@@ -276,3 +276,30 @@ def test_start_from_fine_tunes_a_given_encoder_without_pretraining_rounds(tmp_pa
     grid, run_config = setup_run(tmp_path / "bad", num_sites=2, federated={**finetune_only, "start_from": "missing.pt"})
     with pytest.raises(ValueError, match="federated.start_from: needs 'random' or a pre-training checkpoint"):
         experiment_config(run_config)
+
+
+def test_a_site_refuses_a_global_model_that_is_not_finite_or_of_another_architecture(tmp_path):
+    import dataclasses
+
+    from flwr.app import ConfigRecord, MessageType, RecordDict
+
+    from fedmae.federated.global_model import initial_encoder
+    from server.inprocess import serve_as_server
+
+    grid, run_config = setup_run(tmp_path, num_sites=1)
+    cfg = experiment_config(run_config)
+    good = initial_encoder(cfg)
+    not_finite = {k: v.clone() for k, v in good.items()}
+    key = next(k for k, v in not_finite.items() if v.is_floating_point())
+    not_finite[key][...] = float("nan")
+    narrower = initial_encoder(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, embed_dim=64)))
+    serve_as_server(grid.run_id)
+    (node,) = grid.get_node_ids()
+    for state, reason in ((not_finite, f"non-finite values (NaN/Inf) in {key}"), (narrower, "shape")):
+        config = ConfigRecord({"phase": "pretrain", "round": 1, "transport": "fp32"})
+        message = Message(RecordDict({"arrays": ArrayRecord(state), "config": config}), message_type=MessageType.TRAIN,
+                          dst_node_id=node)
+        (reply,) = grid.send_and_receive([message])
+        assert reply.has_error() and reason in reply.error.reason, reply.error.reason
+    assert not (Path(run_config["output-dir"]) / "sites").exists() or not list(
+        (Path(run_config["output-dir"]) / "sites").rglob("round_*.pt"))  # nothing was trained on it
