@@ -3,7 +3,7 @@ site of the configured data, offline, leaving nothing running.
 
 It does what `flwr run .` does, with the parts a researcher should not have to manage: a private
 FLWR_HOME, a SuperLink in simulation mode on free local ports that this process starts and stops
-(by process group, whatever happens), client resources sized for the machine, runtime dependency
+(its whole process tree, whatever happens), client resources sized for the machine, runtime dependency
 installation off, and the experiment and output folder passed as run settings.
 """
 
@@ -47,7 +47,7 @@ def simulate(config_path: Path, overrides: list[str], cfg: ExperimentConfig, num
     if not (APP_DIR / "pyproject.toml").is_file():
         raise FileNotFoundError(f"{APP_DIR}: the fedmae app (pyproject.toml) is not here; run from a source checkout")
     home = Path(tempfile.mkdtemp(prefix="fedmae-flwr-"))
-    http_port, control_port = _free_port(), _free_port()
+    http_port, control_port = free_port(), free_port()
     resources = client_resources(num_sites)
     (home / "config.toml").write_text(
         '[superlink]\ndefault = "fedmae-simulation"\n\n[superlink.fedmae-simulation]\n'
@@ -63,7 +63,7 @@ def simulate(config_path: Path, overrides: list[str], cfg: ExperimentConfig, num
     previous_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
     superlink_log = (output_dir / "superlink.log").open("ab")
     superlink = subprocess.Popen(
-        [_tool("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+        [flower_tool("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
          "--control-api-address", f"127.0.0.1:{control_port}", "--host", "127.0.0.1", "--port", str(http_port),
          "--database", ":flwr-in-memory:"],
         env=env, stdout=superlink_log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -78,10 +78,10 @@ def simulate(config_path: Path, overrides: list[str], cfg: ExperimentConfig, num
         ])
         log.info("simulating %d sites (%s CPU, %s GPU each) with Flower; SuperLink log: %s",
                  num_sites, resources["num-cpus"], resources["num-gpus"], output_dir / "superlink.log")
-        command = [_tool("flwr"), "run", str(APP_DIR), "fedmae-simulation", "--stream", "--run-config", run_config]
+        command = [flower_tool("flwr"), "run", str(APP_DIR), "fedmae-simulation", "--stream", "--run-config", run_config]
         return subprocess.run(command, env=env, stdout=stream, stderr=subprocess.STDOUT if stream else None).returncode
     finally:
-        _stop(superlink)
+        stop_process_tree(superlink)
         superlink_log.close()
         shutil.rmtree(home, ignore_errors=True)
         signal.signal(signal.SIGTERM, previous_handler)
@@ -91,13 +91,13 @@ def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def _tool(name: str) -> str:
+def flower_tool(name: str) -> str:
     """Flower's console scripts next to this Python (the same environment), else on PATH."""
     here = Path(sys.executable).parent / name
     return str(here) if here.exists() else (shutil.which(name) or name)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -117,30 +117,35 @@ def _wait_until_healthy(process: subprocess.Popen, port: int, log_file: Path) ->
     raise RuntimeError(f"the Flower SuperLink did not start within {STARTUP_TIMEOUT:.0f} s; see {log_file}")
 
 
-def _stop(process: subprocess.Popen) -> None:
-    """Stop the SuperLink and everything it started: SuperExec, the simulation process and Ray.
+def stop_process_tree(process: subprocess.Popen, also: set[int] | frozenset[int] = frozenset()) -> None:
+    """Stop a Flower process and everything it started: SuperExec, the simulation process, Ray.
 
     The simulation process is started in a session of its own, so signalling the SuperLink's
     process group does not reach it: the whole process tree is collected first (after the
     SuperLink dies its children are re-parented and can no longer be found), then terminated,
-    then killed if still alive.
+    then killed if still alive. ``also``: pids seen in the tree earlier (children of a process
+    that has already exited are no longer in its tree).
     """
-    tree = [process.pid, *_descendants(process.pid)]
-    for pid in tree:
-        _signal(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 15.0
-    while time.monotonic() < deadline and any(_alive(pid) for pid in tree):
-        time.sleep(0.2)
-    for pid in tree:
-        if _alive(pid):  # only what is still running: a dead pid may have been reused
-            _signal(pid, signal.SIGKILL)
+    stop_pids([process.pid, *descendants(process.pid), *also])
     try:
         process.wait(timeout=5.0)
     except subprocess.TimeoutExpired:
         pass
 
 
-def _descendants(root: int) -> list[int]:
+def stop_pids(pids: list[int]) -> None:
+    """SIGTERM, up to 15 s to exit, then SIGKILL what is still running."""
+    for pid in pids:
+        _signal(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 15.0
+    while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+        time.sleep(0.2)
+    for pid in pids:
+        if _alive(pid):  # only what is still running: a dead pid may have been reused
+            _signal(pid, signal.SIGKILL)
+
+
+def descendants(root: int) -> list[int]:
     listing = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True).stdout
     children: dict[int, list[int]] = {}
     for line in listing.splitlines():

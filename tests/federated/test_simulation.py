@@ -12,7 +12,8 @@ from fedmae.checkpoint import load_checkpoint
 from tests.test_cli import fedmae, write_config
 from tests.tiny import tiny_raw
 
-FLOWER_PROCESSES = ("flower-superlink", "flower-superexec", "flwr-simulation", "raylet", "gcs_server")
+FLOWER_PROCESSES = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr-simulation", "flwr-serverapp",
+                    "flwr-clientapp", "raylet", "gcs_server")
 
 
 def flower_processes() -> list[str]:
