@@ -39,6 +39,7 @@ def create_ca(folder: str | Path, common_name: str = "fedmae federation CA", day
               overwrite: bool = False) -> tuple[Path, Path]:
     """A self-signed certificate authority; returns (key, certificate) paths."""
     folder = Path(folder)
+    _check_days(days)
     refuse_existing([folder / CA_KEY, folder / CA_CERT], overwrite)
     key = ec.generate_private_key(_CURVE())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
@@ -63,6 +64,7 @@ def issue_server_certificate(ca_folder: str | Path, folder: str | Path, names: l
     """The SuperLink's TLS key and certificate, valid for ``names`` (DNS names or IP addresses)."""
     if not names:
         raise CredentialError("name at least one host name or IP address the sites dial (--san)")
+    _check_days(days)
     ca_key, ca_cert = load_ca(ca_folder)
     folder = Path(folder)
     refuse_existing([folder / SERVER_KEY, folder / SERVER_CERT], overwrite)
@@ -146,6 +148,11 @@ def write_public(path: Path, data: bytes, overwrite: bool) -> Path:
     path.write_bytes(data)
     os.chmod(path, 0o644)
     return path
+
+
+def _check_days(days: int) -> None:
+    if days < 1:
+        raise CredentialError(f"--days {days}: a certificate must be valid for at least one day")
 
 
 def _pem_private(key: ec.EllipticCurvePrivateKey) -> bytes:
