@@ -101,8 +101,8 @@ def verify_digest(path: str | Path) -> bool:
     path, manifest = Path(path), digest_path(path)
     if not manifest.is_file():
         return False
-    recorded = manifest.read_text().split()[0] if manifest.read_text().strip() else ""
-    if recorded != sha256_of(path):
+    recorded = manifest.read_text().split()
+    if not recorded or recorded[0] != sha256_of(path):
         raise CheckpointError(f"{path}: SHA-256 differs from {manifest.name}: the file changed after it was written "
                               "(corrupted, altered, or replaced without its manifest); do not use it")
     return True

@@ -23,11 +23,11 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedmae.config import ExperimentConfig
 from fedmae.engine.loop import MetricsLog
+from fedmae.evaluation import finite_or_null, weighted_mean
 from fedmae.federated.global_model import GlobalCheckpoints, initial_encoder, initial_finetune_model
 from fedmae.federated.settings import experiment_config, output_dir
 from fedmae.federated.updates import to_wire
 from fedmae.models.state import ENCODER_PREFIX
-from fedmae.evaluation import finite_or_null, weighted_mean
 from server.strategy import build_strategy
 
 log = logging.getLogger("fedmae.server")

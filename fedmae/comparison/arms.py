@@ -21,6 +21,7 @@ from typing import Any
 
 from fedmae.config import ExperimentConfig
 from fedmae.data.cohort import Cohort
+from fedmae.engine.loop import MetricsLog
 from fedmae.engine.pretrain import pretrain
 from fedmae.evaluation import weighted_mean
 
@@ -47,7 +48,7 @@ def centralised(cfg: ExperimentConfig, cohort: Cohort, folder: Path, progress: P
         progress(f"pre-training epoch {epoch}/{epochs}: val loss {record['val_loss']:.4f}")
 
     result = pretrain(cfg, folder / "pretrain", resume=True, cohort=cohort, on_epoch_end=on_epoch)
-    curve = [{"epoch": r["epoch"], "val_loss": r["val_loss"]} for r in _read_jsonl(folder / "pretrain" / "metrics.jsonl")]
+    curve = [{"epoch": r["epoch"], "val_loss": r["val_loss"]} for r in MetricsLog(folder / "pretrain" / "metrics.jsonl").read()]
     return Pretrained({site.name: result.checkpoint for site in cohort.sites}, curve, result.seconds)
 
 
@@ -61,7 +62,7 @@ def local(cfg: ExperimentConfig, cohort: Cohort, folder: Path, progress: Progres
         run = folder / "pretrain" / site.name
         result = pretrain(cfg, run, resume=True, cohort=single_site(cohort, site.name), on_epoch_end=on_epoch)
         encoders[site.name], seconds = result.checkpoint, seconds + result.seconds
-        curves[site.name] = {r["epoch"]: r["val_loss"] for r in _read_jsonl(run / "metrics.jsonl")}
+        curves[site.name] = {r["epoch"]: r["val_loss"] for r in MetricsLog(run / "metrics.jsonl").read()}
     weights = {site.name: len(site.val) for site in cohort.sites}
     curve = [{"epoch": epoch, "val_loss": weighted_mean([{"val_loss": c[epoch], "num-examples": weights[name]}
                                                          for name, c in curves.items() if epoch in c])["val_loss"]}
@@ -97,7 +98,7 @@ def federated(cfg: ExperimentConfig, cohort: Cohort, folder: Path, progress: Pro
             raise RuntimeError(f"the federated arm's Flower run failed (exit status {status}); see {folder / 'flower.log'} "
                                f"and {run / 'superlink.log'}")
     evaluations: dict[int, list[dict[str, float]]] = {}
-    for record in _read_jsonl(run / "rounds.jsonl"):
+    for record in MetricsLog(run / "rounds.jsonl").read():
         if record.get("phase") == "pretrain" and "evaluation" in record:
             evaluations.setdefault(int(record["round"]), []).append(record["evaluation"])
     curve = [{"epoch": r * cfg.federated.local_epochs, "val_loss": weighted_mean(sites)["val_loss"]}
@@ -145,8 +146,3 @@ class _RoundWatcher:
                                   f"{', '.join(sites)}; train loss {record.get('train_loss', float('nan')):.4f}")
                     sites = []
 
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

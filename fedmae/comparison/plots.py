@@ -48,18 +48,19 @@ def downstream(results: list[dict[str, Any]], cfg: ExperimentConfig, path: Path)
     width = 0.8 / max(1, len(arms))
     fig, ax = plt.subplots(figsize=(max(6.4, 1.4 * len(groups) + 2), 4.0))
     x = np.arange(len(groups))
+    shown: list[float] = []
     for i, arm in enumerate(arms):
         entry = summary["arms"][arm]
         stats = [entry["sites"][g][main] if g != POOLED else entry[POOLED][main] for g in groups]
         means = [s["mean"] if s["mean"] is not None else np.nan for s in stats]
+        shown += means
         several = any(s["n"] > 1 for s in stats)  # error bars only when there is a spread to show
         stds = [s["std"] if s["n"] > 1 else 0.0 for s in stats] if several else None
         ax.bar(x + (i - (len(arms) - 1) / 2) * width, means, width, yerr=stds, capsize=3,
                label=ARM_TITLES[arm], color=COLOURS[arm])
     ax.set_xticks(x, groups)
     ax.set_ylabel(f"test {main}")
-    finite = [v for arm in arms for g in groups for v in [(summary["arms"][arm]["sites"].get(g, {}) if g != POOLED
-              else summary["arms"][arm][POOLED]).get(main, {}).get("mean")] if v is not None]
+    finite = [v for v in shown if v == v]
     if finite:
         ax.set_ylim(max(0.0, min(finite) - 0.1), min(1.0, max(finite) + 0.05) if max(finite) <= 1 else None)
     ax.grid(axis="y", alpha=0.3)
@@ -79,27 +80,34 @@ def reconstruction_figure(cfg: ExperimentConfig, cohort, seed_dir: Path, path: P
 
     count = cfg.compare.reconstructions
     federated_run = seed_dir / "federated" / "flower"
+    global_encoder = federated_run / "global" / "pretrain_last.pt"
     central = seed_dir / "centralised" / "pretrain" / "checkpoint_last.pt"
-    if count == 0 or not ((federated_run / "global" / "pretrain_last.pt").is_file() or central.is_file()):
+    if count == 0 or not (global_encoder.is_file() or central.is_file()):
         return None
+    model = build_mae(cfg)
+    federated = global_encoder.is_file()
+    if federated:
+        title = "federated encoder (FedAvg) with the case's own site's decoder"
+        encoder = encoder_state(load_checkpoint(global_encoder)["model"])
+    else:
+        title = "centralised MAE"
+        load_model_state(model, load_checkpoint(central, expect_kind="mae")["model"], str(central))
     images = []
     for i in range(count):  # round-robin over the sites
         site = cohort.sites[i % len(cohort.sites)]
         if i // len(cohort.sites) < len(site.val):
             images.append((site.name, site.val[i // len(cohort.sites)]))
-    model = build_mae(cfg)
+    site_states: dict[str, dict[str, torch.Tensor] | None] = {}  # each site's last MAE state, read once
     panels = []
     for site_name, case in images:
-        if (federated_run / "global" / "pretrain_last.pt").is_file():
-            title = "federated encoder (FedAvg) with the case's own site's decoder"
-            states = sorted((federated_run / "sites" / site_name / "pretrain").glob("round_*.pt"))
-            if not states:
+        if federated:
+            if site_name not in site_states:
+                saved = sorted((federated_run / "sites" / site_name / "pretrain").glob("round_*.pt"))
+                site_states[site_name] = load_checkpoint(saved[-1], expect_kind="site")["model"] if saved else None
+            if site_states[site_name] is None:
                 continue
-            load_model_state(model, load_checkpoint(states[-1], expect_kind="site")["model"], str(states[-1]))
-            load_encoder(model, encoder_state(load_checkpoint(federated_run / "global" / "pretrain_last.pt")["model"]))
-        else:
-            title = "centralised MAE"
-            load_model_state(model, load_checkpoint(central, expect_kind="mae")["model"], str(central))
+            load_model_state(model, site_states[site_name], f"{site_name}'s MAE")
+            load_encoder(model, encoder)
         image = pretraining_dataset([case.image], cfg, cohort.prep, train=False)[0]["image"]
         panels += reconstruction_panels(model, [(f"{site_name} {case.case_id}", torch.as_tensor(image))], cfg.seed)
     if not panels:

@@ -57,14 +57,15 @@ class ProgressLine:
 def run_comparison(cfg: ExperimentConfig, config_path: Path, overrides: list[str], out: Path) -> Path:
     """Every arm (resuming), then the report and plots; prints the table; returns report.md."""
     out = Path(out).absolute()
-    results = compare(cfg, config_path, overrides, out)
+    cohorts: dict[int, Cohort] = {}
+    results = compare(cfg, config_path, overrides, out, cohorts=cohorts)
     figures = {
         "Pre-training loss": plots.pretraining_curves(results, out / "plots" / "pretrain_loss.png"),
         "Downstream metric per site and arm": plots.downstream(results, cfg, out / "plots" / "downstream.png"),
     }
     first = dataclasses.replace(cfg, seed=cfg.compare.seeds[0])
     if cfg.compare.reconstructions:
-        cohort = load_cohort(first)
+        cohort = cohorts.get(first.seed) or load_cohort(first)  # loaded and checked once when an arm ran
         figure = plots.reconstruction_figure(first, cohort, out / f"seed-{first.seed}", out / "plots" / "reconstructions.png")
         if figure is not None:
             figures["MAE reconstructions"] = figure
@@ -77,8 +78,10 @@ def run_comparison(cfg: ExperimentConfig, config_path: Path, overrides: list[str
 
 
 def compare(cfg: ExperimentConfig, config_path: Path, overrides: list[str], out: Path,
-            progress: ProgressLine | None = None) -> list[dict[str, Any]]:
-    """Run (or finish) every arm for every seed; returns one result per (seed, arm)."""
+            progress: ProgressLine | None = None, cohorts: dict[int, Cohort] | None = None) -> list[dict[str, Any]]:
+    """Run (or finish) every arm for every seed; returns one result per (seed, arm). ``cohorts``
+    receives each seed's data where it had to be loaded."""
+    cohorts = {} if cohorts is None else cohorts
     progress = progress or ProgressLine()
     out = Path(out).absolute()
     _claim(out, cfg)
@@ -86,7 +89,6 @@ def compare(cfg: ExperimentConfig, config_path: Path, overrides: list[str], out:
     for seed in cfg.compare.seeds:
         seed_cfg = dataclasses.replace(cfg, seed=seed)
         seed_dir = out / f"seed-{seed}"
-        cohort: Cohort | None = None
         for arm in cfg.compare.arms:
             done = seed_dir / arm / "result.json"
             report = progress.at(seed, arm)
@@ -94,8 +96,9 @@ def compare(cfg: ExperimentConfig, config_path: Path, overrides: list[str], out:
                 report("finished earlier; skipped")
                 results.append(json.loads(done.read_text()))
                 continue
-            cohort = cohort or load_cohort(seed_cfg, report_dir=seed_dir)
-            result = run_arm(arm, seed_cfg, cohort, seed_dir / arm, config_path, overrides, report)
+            if seed not in cohorts:
+                cohorts[seed] = load_cohort(seed_cfg, report_dir=seed_dir)
+            result = run_arm(arm, seed_cfg, cohorts[seed], seed_dir / arm, config_path, overrides, report)
             atomic_write_text(done, json.dumps(result, indent=2, allow_nan=False))
             report(f"done: test {result['main']} {_fmt(result['pooled'][result['main']])} (pooled over sites)")
             results.append(result)
