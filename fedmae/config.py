@@ -13,7 +13,7 @@ import math
 import re
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -126,6 +126,27 @@ class FinetuneConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    # Differential privacy of every federated training round (Flower's DP strategy wrappers,
+    # fixed clipping): "server" clips each site's update at the server, "client" makes each site
+    # clip its own update before it leaves; either way Gaussian noise of std
+    # noise_multiplier * clipping_norm / sites is added to the average. The guarantee is per
+    # site (a whole hospital's data), not per patient: see docs/privacy.md.
+    dp: Literal["none", "server", "client"] = "none"
+    noise_multiplier: float = 1.0
+    clipping_norm: float = 1.0  # L2 bound on one site's update per round (rounds.jsonl logs update_norm)
+    delta: float = 1e-5  # reported epsilon is at this delta
+    max_epsilon: float | None = None  # stop training rounds before the next one would spend more
+    # Secure aggregation with Flower's SecAgg+: the server only learns the sum of the sites'
+    # (quantised) weights, not any one site's. Needs at least 3 sites.
+    secure_aggregation: bool = False
+    secagg_shares: int = 3  # each site's secret is split among this many sites (itself included)
+    secagg_threshold: int = 2  # shares needed to reconstruct; a round survives shares - threshold dropouts
+    secagg_clipping_range: float = 8.0  # weights are clipped to +-this before quantisation
+    secagg_quantization_range: int = 4194304  # levels across the clipping range
+
+
+@dataclass
 class FederatedConfig:
     # Flower strategy that averages the encoder: fedavg, fedprox (proximal term at the sites),
     # fedavgm (server momentum), fedadam (server-side Adam).
@@ -143,6 +164,7 @@ class FederatedConfig:
     # Skip federated pre-training and fine-tune from this pre-training checkpoint's encoder
     # (fedmae pretrain's or a global one), or from a random initialisation ("random").
     start_from: str | None = None
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
 
 ARMS = ("centralised", "federated", "local", "none")
@@ -403,6 +425,40 @@ def _plain(obj: Any) -> Any:
 # Validation of values that type-check but cannot work
 
 
+def _validate_privacy(fed: FederatedConfig, fail: Callable[[str, str], typing.NoReturn]) -> None:
+    p = fed.privacy
+    if p.dp != "none":
+        if p.noise_multiplier <= 0:
+            fail("federated.privacy.noise_multiplier", f"must be positive with dp on, got {p.noise_multiplier}")
+        if p.clipping_norm <= 0:
+            fail("federated.privacy.clipping_norm", f"must be positive, got {p.clipping_norm}")
+        if not 0.0 < p.delta < 1.0:
+            fail("federated.privacy.delta", f"must be strictly between 0 and 1, got {p.delta}")
+        if p.max_epsilon is not None and p.max_epsilon <= 0:
+            fail("federated.privacy.max_epsilon", f"must be positive, got {p.max_epsilon}")
+        if fed.fraction_train != 1.0:
+            fail("federated.fraction_train", "must be 1 with differential privacy (the accounting assumes every site "
+                 "takes part in every round)")
+        if fed.strategy != "fedavg":
+            fail("federated.strategy", f"differential privacy needs fedavg or fedprox (its noise and accounting assume a plain "
+                 f"average), got {fed.strategy}")
+    if p.secure_aggregation:
+        if p.dp == "server":
+            fail("federated.privacy.dp", "server-side clipping needs each site's update, which secure aggregation "
+                 "hides; use dp: client")
+        if fed.strategy not in ("fedavg", "fedprox"):
+            fail("federated.strategy", f"secure aggregation sums the sites' weights, so it works with fedavg or "
+                 f"fedprox, not {fed.strategy}")
+        if fed.transport != "fp32":
+            fail("federated.transport", "secure aggregation quantises the weights itself; use fp32")
+        if not 2 <= p.secagg_threshold <= p.secagg_shares or p.secagg_shares < 3:
+            fail("federated.privacy.secagg_threshold", f"need 2 <= secagg_threshold <= secagg_shares and "
+                 f"secagg_shares >= 3, got {p.secagg_threshold} and {p.secagg_shares}")
+        if p.secagg_clipping_range <= 0 or p.secagg_quantization_range < 2:
+            fail("federated.privacy.secagg_clipping_range", "clipping range must be positive and quantization range "
+                 "at least 2")
+
+
 def validate(cfg: ExperimentConfig, source: str) -> None:
     """Raise ConfigError for the first impossible value, naming its key."""
 
@@ -549,6 +605,7 @@ def validate(cfg: ExperimentConfig, source: str) -> None:
         fail("federated.start_from", f"needs 'random' or a pre-training checkpoint; {fed.start_from} is not a file")
     if fed.start_from is not None and fed.finetune == "none":
         fail("federated.start_from", "skips pre-training, so federated.finetune must be federated or local")
+    _validate_privacy(fed, fail)
     c = cfg.compare
     unknown = [a for a in c.arms if a not in ARMS]
     if unknown or not c.arms or len(set(c.arms)) != len(c.arms):

@@ -20,14 +20,16 @@ import torch
 import yaml
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from fedmae.config import ExperimentConfig
 from fedmae.engine.loop import MetricsLog
 from fedmae.evaluation import finite_or_null, weighted_mean
-from fedmae.federated.global_model import GlobalCheckpoints, initial_encoder, initial_finetune_model
+from fedmae.federated.global_model import GlobalCheckpoints, frozen_keys, initial_encoder, initial_finetune_model
 from fedmae.federated.settings import experiment_config, output_dir
 from fedmae.federated.updates import to_wire
 from fedmae.models.state import ENCODER_PREFIX
+from server.privacy import ledger, new_accountant, spent
 from server.strategy import build_strategy
 
 log = logging.getLogger("fedmae.server")
@@ -53,10 +55,13 @@ class FederatedRun:
         self.log = MetricsLog(self.out / "rounds.jsonl")
         self.site_names: dict[int, str] = {}
         self.summary: dict[str, Any] = {"config": cfg.to_dict()}
+        self.accountant = None
 
     def run(self) -> dict[str, Any]:
         started = time.monotonic()
         sites = self.describe_sites()
+        if self.cfg.federated.privacy.dp != "none":
+            self.accountant = new_accountant(self.cfg.federated.privacy, len(sites), self._saved_ledger())
         start = self.cfg.federated.start_from
         encoder = self.pretrain(len(sites)) if start is None else self.starting_encoder(start)
         mode = self.cfg.federated.finetune
@@ -64,6 +69,8 @@ class FederatedRun:
             self.finetune_federated(sites, encoder)
         elif mode == "local":
             self.finetune_local(encoder)
+        if self.accountant is not None:
+            self.summary["privacy"] = spent(self.accountant, self.cfg.federated.privacy)
         self.summary["seconds"] = round(time.monotonic() - started, 1)
         (self.out / "summary.json").write_text(json.dumps(finite_or_null(self.summary), indent=2))
         log.info("federated run done in %.0f s; outputs in %s", self.summary["seconds"], self.out)
@@ -143,6 +150,10 @@ class FederatedRun:
         if done < total:
             state = self._rounds("finetune", len(sites), state, done, total)
         best = self.checkpoints.best("finetune")
+        if not best.exists():  # only when the privacy budget ran out before the first round
+            log.warning("no federated fine-tuning round was released; no fine-tuned model to test")
+            self.summary["finetune"] = {"mode": "federated", "rounds": 0, "test": {}}
+            return
         from fedmae.checkpoint import load_checkpoint
 
         selected = load_checkpoint(best, expect_kind="global")
@@ -172,31 +183,56 @@ class FederatedRun:
     def _rounds(self, phase: str, num_sites: int, state: dict[str, torch.Tensor], done: int, total: int) -> dict[str, torch.Tensor]:
         """Rounds done+1 .. total of ``phase``, checkpointing the global model after each."""
         evaluate_extra = {"split": "val"} if phase == "finetune" else {}
-        strategy = build_strategy(self.cfg, phase, num_sites, round_offset=done, metrics_log=self.log,
-                                  site_names=self.site_names, evaluate_extra=evaluate_extra)
+        fixed = frozen_keys(self.cfg, phase) if self.accountant is not None else []
+        strategy = build_strategy(self.cfg, phase, num_sites, accountant=self.accountant, round_offset=done,
+                                  metrics_log=self.log, site_names=self.site_names, evaluate_extra=evaluate_extra,
+                                  fixed_keys=fixed)
         best_score = self._best_score(phase)
+        latest = state
 
         def after_round(server_round: int, arrays: ArrayRecord) -> None:
-            nonlocal best_score
+            nonlocal best_score, latest
             if server_round == 0:
                 return None
             run_round = server_round + done
+            latest = arrays.to_torch_state_dict()
             evaluation = dict(strategy.last_evaluation)
             score = evaluation.get("main", float("nan")) if phase == "finetune" else -evaluation.get("val_loss", float("nan"))
             # Ties go to the later round (see fedmae.engine.finetune).
             better = phase == "finetune" and (score >= best_score or not self.checkpoints.best(phase).exists())
             if better and score == score:
                 best_score = score
-            self.checkpoints.save(phase, run_round, arrays.to_torch_state_dict(), {"val": evaluation, "best_score": best_score},
-                                  best=better)
+            metrics: dict[str, Any] = {"val": evaluation, "best_score": best_score}
+            if self.accountant is not None:
+                # Saved with every round so that a resumed run keeps counting from here.
+                metrics["privacy"] = ledger(self.accountant)
+                used = spent(self.accountant, self.cfg.federated.privacy)
+                self.log.write({"phase": phase, "round": run_round, "epsilon": used["epsilon"], "delta": used["delta"]})
+                log.info("%s round %d: privacy spent epsilon=%.3f at delta=%g", phase, run_round, used["epsilon"], used["delta"])
+            self.checkpoints.save(phase, run_round, latest, metrics, best=better)
             log.info("%s round %d/%d: validation %s", phase, run_round, total, evaluation)
             return None
 
-        result = strategy.start(grid=self.grid, initial_arrays=ArrayRecord(state), num_rounds=total - done,
-                                timeout=self.cfg.federated.round_timeout, evaluate_fn=after_round)
+        try:
+            strategy.start(grid=self.grid, initial_arrays=ArrayRecord(state), num_rounds=total - done,
+                           timeout=self.cfg.federated.round_timeout, evaluate_fn=after_round)
+        except PrivacyBudgetExhausted as err:
+            # The last released model stands; no further round of any phase may be trained.
+            log.warning("%s: %s; stopping training rounds here", phase, err)
+            self.summary.setdefault("privacy_budget_reached", {})[phase] = str(err)
         if strategy.kept_previous:
             self.summary.setdefault("rounds_without_update", {})[phase] = strategy.kept_previous
-        return result.arrays.to_torch_state_dict() if len(result.arrays) else state
+        return latest
+
+    def _saved_ledger(self) -> str | None:
+        """The privacy ledger of the newest global checkpoint when resuming (fine-tuning's if any)."""
+        if not self.resume:
+            return None
+        for phase in ("finetune", "pretrain"):
+            point = self.checkpoints.resume_point(phase)
+            if point and point[2].get("privacy"):
+                return str(point[2]["privacy"])
+        return None
 
     def _best_score(self, phase: str) -> float:
         point = self.checkpoints.resume_point(phase) if self.resume else None

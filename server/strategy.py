@@ -7,7 +7,16 @@ What the hooks add:
 - every reply is checked before averaging: a failed site, a malformed reply, an update with
   missing / extra keys, wrong shapes or NaN/Inf is left out and logged with the site's name;
 - with fewer usable updates than ``min_sites`` the round keeps the previous global model;
-- one JSON line per site and per round goes to the metrics log.
+- one JSON line per site and per round goes to the metrics log, with the L2 norm of the site's
+  update (what a differential-privacy clipping norm has to be compared with).
+
+With ``federated.privacy.dp`` the same mixin sits on top of Flower's DP wrapper
+(``DifferentialPrivacyServerSideFixedClipping`` / ``...ClientSideFixedClipping``) around a plain
+FedAvg, so replies are checked before Flower clips them and the noise is added to the average
+of checked updates only. The DP rules on top: every sampled site must deliver a usable update
+(the noise is calibrated for that many sites), sites are averaged with equal weights (the
+sensitivity bound assumes it), and frozen tensors (the sin-cos position embedding) are put back
+after the noise, since they carry no data and noise would only accumulate in them.
 """
 
 from __future__ import annotations
@@ -21,7 +30,16 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedProx,
+)
+from flwr.serverapp.strategy.dp_fixed_clipping import DifferentialPrivacyFixedClippingBase
+from flwr.supercore.privacy_accounting import PrivacyAccountant
 
 from fedmae.config import ExperimentConfig
 from fedmae.engine.loop import MetricsLog
@@ -31,14 +49,19 @@ from fedmae.federated.updates import from_wire, to_wire, update_problem
 log = logging.getLogger("fedmae.server")
 
 STRATEGIES = {"fedavg": FedAvg, "fedprox": FedProx, "fedavgm": FedAvgM, "fedadam": FedAdam}
+DP_WRAPPERS = {"server": DifferentialPrivacyServerSideFixedClipping, "client": DifferentialPrivacyClientSideFixedClipping}
+# Under DP every site counts once: FedAvg weights by this key, which the server sets to 1.
+EQUAL_WEIGHT = "dp-equal-weight"
 
 
 class GuardedRounds:
     """Mixin placed before a Flower strategy class: checked replies, logging, wire precision."""
 
     def setup_rounds(self, *, phase: str, round_offset: int, transport: str, min_usable: int, metrics_log: MetricsLog,
-                     site_names: dict[int, str], evaluate_extra: dict[str, Any] | None = None) -> None:
+                     site_names: dict[int, str], evaluate_extra: dict[str, Any] | None = None,
+                     fixed_keys: Iterable[str] = ()) -> None:
         self.phase, self.round_offset, self.transport = phase, round_offset, transport
+        self.fixed_keys = tuple(fixed_keys)
         self.min_usable, self.metrics_log, self.site_names = min_usable, metrics_log, site_names
         self.evaluate_extra = evaluate_extra or {}
         self.last_evaluation: dict[str, float] = {}
@@ -46,6 +69,15 @@ class GuardedRounds:
         self.sampled: list[int] = []
         self.round_started = 0.0
         self.kept_previous: list[int] = []
+
+    @property
+    def private(self) -> bool:
+        return isinstance(self, DifferentialPrivacyFixedClippingBase)
+
+    @property
+    def averaging(self) -> FedAvg:
+        """The strategy that averages: this one, or the one a DP wrapper holds."""
+        return self.strategy if self.private else self  # type: ignore[attr-defined, return-value]
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         config["round"] = server_round + self.round_offset
@@ -60,7 +92,7 @@ class GuardedRounds:
             # the messages carry the cast copy. All messages share one payload.
             wire = ArrayRecord(to_wire(self.reference, self.transport))
             for message in messages:
-                message.content[self.arrayrecord_key] = wire
+                message.content[self.averaging.arrayrecord_key] = wire
         return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -73,7 +105,7 @@ class GuardedRounds:
         if self.transport != "fp32" and messages:
             wire = ArrayRecord(to_wire(arrays.to_torch_state_dict(), self.transport))
             for message in messages:
-                message.content[self.arrayrecord_key] = wire
+                message.content[self.averaging.arrayrecord_key] = wire
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -95,6 +127,7 @@ class GuardedRounds:
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         run_round = server_round + self.round_offset
         replies = list(replies)
+        key, weight_key = self.averaging.arrayrecord_key, self.averaging.weighted_by_key
         usable: list[Message] = []
         answered = set()
         for message in replies:
@@ -107,34 +140,46 @@ class GuardedRounds:
             try:
                 site = str(message.content["site"]["name"])
                 metrics = dict(message.content["metrics"])
-                update = from_wire(message.content[self.arrayrecord_key].to_torch_state_dict(), self.transport, self.reference)
+                update = from_wire(message.content[key].to_torch_state_dict(), self.transport, self.reference)
                 problem = update_problem(update, self.reference)
             except (KeyError, TypeError, ValueError) as err:
                 self._record(run_round, site, "rejected", reason=f"malformed reply ({type(err).__name__}: {err})")
                 continue
             self.site_names[node] = site
-            if problem is None and not math.isfinite(float(metrics.get(self.weighted_by_key, math.nan))):
-                problem = f"{self.weighted_by_key} is not a number"
+            if self.private:
+                message.content["metrics"][weight_key] = 1.0
+            if problem is None and not math.isfinite(float(metrics.get("num-examples", math.nan))):
+                problem = "num-examples is not a number"
             if problem is not None:
                 self._record(run_round, site, "rejected", reason=problem, **_numbers(metrics))
                 continue
-            message.content[self.arrayrecord_key] = ArrayRecord(update)  # fp32 for averaging
+            # fp32 for averaging, keys in the global model's order (Flower's DP clipping pairs
+            # update and global arrays by position).
+            update = {name: update[name] for name in self.reference}
+            message.content[key] = ArrayRecord(update)
             usable.append(message)
-            self._record(run_round, site, "ok", **_numbers(metrics))
+            self._record(run_round, site, "ok", update_norm=_distance(update, self.reference), **_numbers(metrics))
         for node in self.sampled:
             if node not in answered:
                 self._record(run_round, self.site_names.get(node, f"node {node}"), "no reply",
                              reason="no answer within federated.round_timeout")
         summary = {"phase": self.phase, "round": run_round, "sampled": len(self.sampled), "usable": len(usable),
                    "seconds": round(time.monotonic() - self.round_started, 3)}
-        if len(usable) < self.min_usable:
-            log.warning("%s round %d: %d usable update(s), fewer than federated.min_sites=%d; keeping the previous "
-                        "global model", self.phase, run_round, len(usable), self.min_usable)
+        needed = len(self.sampled) if self.private else self.min_usable
+        if len(usable) < needed:
+            why = ("differential privacy: the noise is calibrated for every sampled site" if self.private
+                   else "fewer than federated.min_sites")
+            log.warning("%s round %d: %d usable update(s) of %d (%s); keeping the previous global model",
+                        self.phase, run_round, len(usable), len(self.sampled), why)
             self.kept_previous.append(run_round)
-            self.metrics_log.write({**summary, "kept_previous_model": True})
+            self.metrics_log.write({**summary, "kept_previous_model": True, "reason": why})
             return None, None
         arrays, metrics = super().aggregate_train(server_round, usable)
-        self.metrics_log.write({**summary, "kept_previous_model": False, **_numbers(dict(metrics or {}))})
+        if arrays is not None and self.private and self.fixed_keys:
+            noisy = arrays.to_torch_state_dict()
+            noisy.update({name: self.reference[name] for name in self.fixed_keys if name in noisy})
+            arrays = ArrayRecord(noisy)
+        self.metrics_log.write({**summary, "kept_previous_model": arrays is None, **_numbers(dict(metrics or {}))})
         return arrays, metrics
 
     def _record(self, run_round: int, site: str, status: str, **fields: Any) -> None:
@@ -143,9 +188,12 @@ class GuardedRounds:
         self.metrics_log.write({"phase": self.phase, "round": run_round, "site": site, "status": status, **fields})
 
 
-def build_strategy(cfg: ExperimentConfig, phase: str, num_sites: int, **setup: Any) -> FedAvg:
+def build_strategy(cfg: ExperimentConfig, phase: str, num_sites: int, accountant: PrivacyAccountant | None = None,
+                   **setup: Any) -> Any:
     """The configured Flower strategy with fedmae's checks. Pre-training uses cfg.federated.strategy;
-    fine-tuning averages with FedAvg (its classification heads start identical at every site)."""
+    fine-tuning averages with FedAvg (its classification heads start identical at every site).
+    With differential privacy: fedmae's checks on top of Flower's DP wrapper around the strategy,
+    which spends ``accountant``'s budget."""
     fed = cfg.federated
     name = fed.strategy if phase == "pretrain" else "fedavg"
     base = STRATEGIES[name]
@@ -162,10 +210,24 @@ def build_strategy(cfg: ExperimentConfig, phase: str, num_sites: int, **setup: A
         kwargs.update(server_learning_rate=fed.server_lr, server_momentum=fed.server_momentum)
     elif name == "fedadam":
         kwargs["eta"] = fed.server_lr
-    strategy_class = type(f"Guarded{base.__name__}", (GuardedRounds, base), {})
-    strategy = strategy_class(**kwargs)
+    privacy = fed.privacy
+    if privacy.dp == "none":
+        strategy = type(f"Guarded{base.__name__}", (GuardedRounds, base), {})(**kwargs)
+    else:
+        wrapper = DP_WRAPPERS[privacy.dp]
+        sampled = max(int(num_sites * fed.fraction_train), kwargs["min_train_nodes"])
+        strategy = type(f"Guarded{wrapper.__name__}", (GuardedRounds, wrapper), {})(
+            base(**kwargs, weighted_by_key=EQUAL_WEIGHT), privacy.noise_multiplier, privacy.clipping_norm, sampled,
+            accountant=accountant)
     strategy.setup_rounds(phase=phase, transport=fed.transport, min_usable=fed.min_sites, **setup)
     return strategy
+
+
+def _distance(update: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
+    """L2 norm of ``update - reference`` over all floating-point tensors."""
+    total = sum(float(torch.sum((update[k].double() - reference[k].double()) ** 2))
+                for k in reference if reference[k].is_floating_point())
+    return math.sqrt(total)
 
 
 def _numbers(metrics: dict[str, Any]) -> dict[str, float]:

@@ -22,12 +22,13 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from fedmae.config import ExperimentConfig
 from fedmae.data.cohort import Cohort, SiteData, load_cohort
 from fedmae.federated.settings import experiment_config, output_dir, site_config
 from fedmae.federated.site import SiteFinetuning, SitePretraining, scalar_metrics
-from fedmae.federated.updates import from_wire, to_wire
+from fedmae.federated.updates import clip_update, from_wire, to_wire
 
 app = ClientApp()
 
@@ -116,6 +117,12 @@ def train(msg: Message, context: Context) -> Message:
         state, metrics = trainer.train_round(received, server_round)
     else:
         raise ValueError(f"unknown training phase {phase!r}")
+    if KEY_CLIPPING_NORM in config:
+        # Client-side DP (DifferentialPrivacyClientSideFixedClipping sends the norm): the update
+        # is clipped here, in fp32, before it leaves. Flower's fixedclipping_mod would clip the
+        # reply as sent, i.e. after the cast to the wire precision (bf16 travels as int16 bits).
+        state, norm = clip_update(state, received, float(config[KEY_CLIPPING_NORM]))
+        metrics = {**metrics, "update_norm_before_clipping": norm}
     return _reply(msg, run, metrics, ArrayRecord(to_wire(state, transport)))
 
 

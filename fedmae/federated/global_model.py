@@ -35,6 +35,17 @@ def initial_finetune_model(cfg: ExperimentConfig, num_outputs: int, encoder: dic
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def frozen_keys(cfg: ExperimentConfig, phase: str) -> list[str]:
+    """Names of the averaged tensors that training never changes (the fixed sin-cos position
+    embedding): differential-privacy noise must not accumulate in them. (Which parameters are
+    frozen does not depend on the number of task outputs.)"""
+    if phase == "pretrain":
+        model = build_mae(cfg)
+        return [name for name, p in model.named_parameters() if not p.requires_grad and name.startswith(ENCODER_PREFIX)]
+    model = build_finetune_model(cfg, 2)
+    return [name for name, p in model.named_parameters() if not p.requires_grad]
+
+
 class GlobalCheckpoints:
     def __init__(self, folder: str | Path, cfg: ExperimentConfig, keep: int = 3):
         self.folder, self.cfg, self.keep = Path(folder), cfg, keep

@@ -60,5 +60,17 @@ def update_problem(update: Mapping[str, torch.Tensor], reference: Mapping[str, t
     return None
 
 
+def clip_update(state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], max_norm: float
+                ) -> tuple[dict[str, torch.Tensor], float]:
+    """``reference + (state - reference) * min(1, max_norm / ||state - reference||)``, the L2 norm
+    taken over every floating-point tensor (what Flower's client-side DP clipping does), and the
+    norm before clipping."""
+    deltas = {k: state[k].double() - reference[k].double() for k in state if state[k].is_floating_point()}
+    norm = float(torch.sqrt(sum(torch.sum(d * d) for d in deltas.values()))) if deltas else 0.0
+    scale = min(1.0, max_norm / norm) if norm > 0 else 1.0
+    clipped = {k: (reference[k].double() + deltas[k] * scale).to(v.dtype) if k in deltas else v for k, v in state.items()}
+    return clipped, norm
+
+
 def nbytes(state: Mapping[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())

@@ -49,3 +49,23 @@ def test_simulate_checks_the_config_and_data_before_starting_flower(tmp_path):
     assert result.returncode == 2
     assert "federated.local_epochs: must be at least 1 and divide pretrain.epochs (3), got 2" in result.stderr
     assert not Path(tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_simulate_with_client_side_differential_privacy(tmp_path):
+    """The DP wrapper and the sites' clipping in real Flower processes: every update that reached
+    the server was clipped at its site, and the run reports what it spent."""
+    before = flower_processes()
+    clip = 0.01
+    raw = tiny_raw(2, data={"num_sites": 2, "cases_per_site": 8}, pretrain={"epochs": 2, "warmup_epochs": 1},
+                   federated={"min_sites": 2, "round_timeout": 300, "finetune": "none",
+                              "privacy": {"dp": "client", "noise_multiplier": 1.0, "clipping_norm": clip}})
+    result = fedmae("simulate", "--config", str(write_config(tmp_path, raw)), "--output", "fed", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((tmp_path / "fed" / "summary.json").read_text())
+    assert summary["privacy"]["releases"] == 2 and summary["privacy"]["epsilon"] > 0
+    records = [json.loads(line) for line in (tmp_path / "fed" / "rounds.jsonl").read_text().splitlines()]
+    ok = [r for r in records if r.get("status") == "ok"]
+    assert len(ok) == 4
+    assert all(r["update_norm_before_clipping"] > clip >= r["update_norm"] * (1 - 1e-6) for r in ok)
+    assert flower_processes() == before, "a Flower or Ray process outlived the run"

@@ -1,0 +1,46 @@
+"""Differential-privacy accounting for a federated run: one Flower RDP accountant per run.
+
+Pre-training and federated fine-tuning rounds release models computed from the same sites' data,
+so both phases compose into one budget. The accountant's ledger travels in every global
+checkpoint (``metrics["privacy"]``), so a resumed run continues the count instead of restarting
+it. The guarantee is the one Flower's fixed-clipping wrappers give: (epsilon, delta)-DP with
+respect to adding or removing one *site* (all of a hospital's data), for the released weights
+only, with every site taking part in every round (no sub-sampling amplification).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from flwr.supercore.privacy_accounting import NeighboringRelation, SamplingMethod
+from flwr.supercore.privacy_accounting import PrivacyConfig as FlowerPrivacyConfig
+from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+
+from fedmae.config import PrivacyConfig
+
+GUARANTEE = ("(epsilon, delta)-DP for adding or removing one whole site, covering the released weights only; "
+             "validation/test metrics and the sites' names are not covered")
+
+
+def new_accountant(privacy: PrivacyConfig, num_sites: int, ledger: str | None = None) -> RdpAccountant:
+    """An accountant for ``num_sites`` sites that all train every round; ``ledger`` (from
+    :func:`ledger`) restores the releases of a stopped run."""
+    accountant = RdpAccountant(FlowerPrivacyConfig(
+        target_delta=privacy.delta, population_size=num_sites, neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+        sampling_method=SamplingMethod.NO_AMPLIFICATION, max_epsilon=privacy.max_epsilon))
+    if ledger:
+        accountant.load_state_dict(json.loads(ledger))
+    return accountant
+
+
+def ledger(accountant: RdpAccountant) -> str:
+    return json.dumps(accountant.state_dict())
+
+
+def spent(accountant: RdpAccountant, privacy: PrivacyConfig) -> dict[str, Any]:
+    """What the run has spent so far, for logs and summary.json."""
+    used = accountant.get_privacy_spent()
+    return {"dp": privacy.dp, "noise_multiplier": privacy.noise_multiplier, "clipping_norm": privacy.clipping_norm,
+            "epsilon": round(used.epsilon, 4), "delta": used.delta, "releases": used.num_releases,
+            "guarantee": GUARANTEE}
