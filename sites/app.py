@@ -16,6 +16,7 @@ Nothing but weights and scalar metrics with the site's name leaves the site.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +79,7 @@ def site_run(context: Context) -> SiteRun:
             raise ValueError(f"the simulation has {count} nodes but the data have {len(cohort.sites)} sites; "
                              f"start it with num-supernodes={len(cohort.sites)}")
         site = cohort.sites[index]
-    elif "site" in node and "data-dir" not in node:
+    elif "site" in node and ("data-dir" not in node or cfg.data.source == "synthetic"):
         by_name = {s.name: s for s in cohort.sites}
         if str(node["site"]) not in by_name:
             raise ValueError(f"node_config site={node['site']!r} is not one of the data's sites {sorted(by_name)}")
@@ -86,8 +87,13 @@ def site_run(context: Context) -> SiteRun:
     else:
         site = dataclasses.replace(cohort.sites[0], name=str(node.get("site", cohort.sites[0].name)))
     name = site.name
-    state_dir = Path(str(node["state-dir"])) if "state-dir" in node else (
-        Path(str(node["data-dir"])) / ".fedmae-state" / cfg.name if "data-dir" in node else out / "sites")
+    if "state-dir" in node or "data-dir" in node:
+        # A deployed site's state folder outlives runs: keep each run's state apart (a resumed run
+        # has the same output-dir, so it finds its own state again).
+        base = Path(str(node["state-dir"])) if "state-dir" in node else Path(str(node["data-dir"])) / ".fedmae-state"
+        state_dir = base / f"{cfg.name}-{hashlib.sha256(str(out).encode()).hexdigest()[:10]}"
+    else:
+        state_dir = out / "sites"
     own = dataclasses.replace(cohort, sites=[site])
     run = SiteRun(name=name, cfg=cfg, cohort=own, state_dir=state_dir)
     _RUNS[key] = run

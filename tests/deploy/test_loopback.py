@@ -1,6 +1,7 @@
 """A real deployment on 127.0.0.1: a SuperLink with TLS and SuperNode authentication, two registered
 sites running the fedmae app, a site with an unregistered key (refused) and a site that does not
-trust the CA (cannot connect). Every process is started here and stopped here, whatever happens."""
+trust the CA (cannot connect). The parts start with the scripts docs/deploy.md tells hospital IT to
+use. Every process is started here and stopped here, whatever happens."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import os
 import ssl
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -49,11 +51,11 @@ def test_tls_authenticated_two_site_run_and_both_refusals(tmp_path):
     pki.create_ca(creds / "other-ca", common_name="not the federation's CA")
     port = free_port()
     home = tmp_path / "flwr-home"
-    home.mkdir()
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\n'
-        f'root-certificates = "{creds / "ca/ca.crt"}"\n')
-    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}", "FEDMAE_HOST": "127.0.0.1"}
+    added = subprocess.run([str(APP_DIR / "server/add-connection.sh"), CONNECTION, f"127.0.0.1:{port}",
+                            str(creds / "ca/ca.crt")], env=env, capture_output=True, text=True, timeout=60)
+    assert added.returncode == 0, added.stderr
     experiment = tmp_path / "experiment.yaml"
     experiment.write_text(yaml.safe_dump(tiny_raw(2, data={"num_sites": 2, "cases_per_site": 8},
                                                   pretrain={"epochs": 2, "warmup_epochs": 1},
@@ -74,18 +76,15 @@ def test_tls_authenticated_two_site_run_and_both_refusals(tmp_path):
         return process, log
 
     def supernode(site: str, ca: Path, *extra: str) -> list[str]:
-        return [flower_tool("flower-supernode"), "--superlink", f"127.0.0.1:{port}", "--root-certificates", str(ca),
-                "--auth-supernode-private-key", str(creds / f"sites/{site}.key"),
-                "--node-config", f'site="{site}" state-dir="{tmp_path / "state" / site}"',
-                "--port", str(free_port()), "--health-server-address", f"127.0.0.1:{free_port()}", *extra]
+        return [str(APP_DIR / "sites/start-supernode.sh"), "--superlink", f"127.0.0.1:{port}", "--ca", str(ca),
+                "--key", str(creds / f"sites/{site}.key"), "--site", site, "--state", str(tmp_path / "state" / site),
+                "--port", str(free_port()), "--", "--health-server-address", f"127.0.0.1:{free_port()}", *extra]
 
     try:
         superlink, superlink_log = start("superlink", [
-            flower_tool("flower-superlink"), "--ssl-ca-certfile", str(creds / "ca/ca.crt"),
-            "--ssl-certfile", str(creds / "server/server.pem"), "--ssl-keyfile", str(creds / "server/server.key"),
-            "--enable-supernode-auth", "--host", "127.0.0.1", "--port", str(port),
+            str(APP_DIR / "server/start-superlink.sh"), str(creds), str(tmp_path / "superlink-state"), str(port),
             "--fleet-api-address", f"127.0.0.1:{free_port()}", "--control-api-address", f"127.0.0.1:{free_port()}",
-            "--health-server-address", f"127.0.0.1:{free_port()}", "--database", str(tmp_path / "superlink.db")])
+            "--health-server-address", f"127.0.0.1:{free_port()}"])
         wait_until_healthy(port, creds / "ca/ca.crt", superlink, superlink_log)
         for site in ("site-0", "site-1"):
             registered = subprocess.run([flower_tool("flwr"), "supernode", "register", str(creds / f"sites/{site}.pub"), CONNECTION],

@@ -303,3 +303,18 @@ def test_a_site_refuses_a_global_model_that_is_not_finite_or_of_another_architec
         assert reply.has_error() and reason in reply.error.reason, reply.error.reason
     assert not (Path(run_config["output-dir"]) / "sites").exists() or not list(
         (Path(run_config["output-dir"]) / "sites").rglob("round_*.pt"))  # nothing was trained on it
+
+
+def test_a_deployed_sites_state_folder_keeps_each_runs_state_apart(tmp_path):
+    """A hospital's state-dir outlives runs. A second run there must not find (or prune away) the
+    first run's round files: its sites continue their own decoder and step from round to round."""
+    state = tmp_path / "hospital-state"
+    steps = []
+    for name in ("first", "second"):
+        grid, run_config = setup_run(tmp_path / name, pretrain={"epochs": 3, "warmup_epochs": 1})
+        grid = InProcessGrid(client_app, [{"site": f"site-{i}", "state-dir": str(state)} for i in range(2)], run_config)
+        run(grid, run_config)
+        newest = max(state.rglob("site-0/pretrain/round_00003.pt"), key=lambda p: p.stat().st_mtime)
+        steps.append(load_checkpoint(newest)["step"])
+    assert steps[0] == steps[1] > 0
+    assert len(list(state.rglob("site-0/pretrain/round_00003.pt"))) == 2
