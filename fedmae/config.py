@@ -141,7 +141,7 @@ class PrivacyConfig:
     # (quantised) weights, not any one site's. Needs at least 3 sites.
     secure_aggregation: bool = False
     secagg_shares: int = 3  # each site's secret is split among this many sites (itself included)
-    secagg_threshold: int = 2  # shares needed to reconstruct; a round survives shares - threshold dropouts
+    secagg_threshold: int = 2  # shares needed to reconstruct (< shares); a round survives shares - threshold dropouts
     secagg_clipping_range: float = 8.0  # weights are clipped to +-this before quantisation
     secagg_quantization_range: int = 4194304  # levels across the clipping range
 
@@ -443,17 +443,19 @@ def _validate_privacy(fed: FederatedConfig, fail: Callable[[str, str], typing.No
             fail("federated.strategy", f"differential privacy needs fedavg or fedprox (its noise and accounting assume a plain "
                  f"average), got {fed.strategy}")
     if p.secure_aggregation:
-        if p.dp == "server":
-            fail("federated.privacy.dp", "server-side clipping needs each site's update, which secure aggregation "
-                 "hides; use dp: client")
+        if p.dp != "none":
+            fail("federated.privacy.dp", "differential privacy together with secure aggregation is not supported; "
+                 "choose one (server-side clipping would need the updates that secure aggregation hides)")
+        if fed.fraction_train != 1.0:
+            fail("federated.fraction_train", "must be 1 with secure aggregation (every site takes part in the sum)")
         if fed.strategy not in ("fedavg", "fedprox"):
             fail("federated.strategy", f"secure aggregation sums the sites' weights, so it works with fedavg or "
                  f"fedprox, not {fed.strategy}")
         if fed.transport != "fp32":
             fail("federated.transport", "secure aggregation quantises the weights itself; use fp32")
-        if not 2 <= p.secagg_threshold <= p.secagg_shares or p.secagg_shares < 3:
-            fail("federated.privacy.secagg_threshold", f"need 2 <= secagg_threshold <= secagg_shares and "
-                 f"secagg_shares >= 3, got {p.secagg_threshold} and {p.secagg_shares}")
+        if not 2 <= p.secagg_threshold < p.secagg_shares:
+            fail("federated.privacy.secagg_threshold", f"need 2 <= secagg_threshold < secagg_shares (Flower's SecAgg+), "
+                 f"got {p.secagg_threshold} and {p.secagg_shares}")
         if p.secagg_clipping_range <= 0 or p.secagg_quantization_range < 2:
             fail("federated.privacy.secagg_clipping_range", "clipping range must be positive and quantization range "
                  "at least 2")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from fedmae.federated.settings import experiment_config, output_dir
 from fedmae.federated.updates import to_wire
 from fedmae.models.state import ENCODER_PREFIX
 from server.privacy import ledger, new_accountant, spent
+from server.secure_aggregation import secure_round
 from server.strategy import build_strategy
 
 log = logging.getLogger("fedmae.server")
@@ -54,13 +56,18 @@ class FederatedRun:
         (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         self.log = MetricsLog(self.out / "rounds.jsonl")
         self.site_names: dict[int, str] = {}
+        self.site_images: dict[int, int] = {}
         self.summary: dict[str, Any] = {"config": cfg.to_dict()}
         self.accountant = None
 
     def run(self) -> dict[str, Any]:
         started = time.monotonic()
         sites = self.describe_sites()
-        if self.cfg.federated.privacy.dp != "none":
+        privacy = self.cfg.federated.privacy
+        if privacy.secure_aggregation and len(sites) < privacy.secagg_shares:
+            raise RuntimeError(f"secure aggregation: {len(sites)} site(s) answered, fewer than "
+                               f"federated.privacy.secagg_shares={privacy.secagg_shares}")
+        if privacy.dp != "none":
             self.accountant = new_accountant(self.cfg.federated.privacy, len(sites), self._saved_ledger())
         start = self.cfg.federated.start_from
         encoder = self.pretrain(len(sites)) if start is None else self.starting_encoder(start)
@@ -99,6 +106,7 @@ class FederatedRun:
                            "class_names": [c for c in str(info.get("class-names", "")).split("\t") if c],
                            "images": int(metrics["num-examples"])}
             self.site_names[node] = sites[node]["name"]
+            self.site_images[node] = sites[node]["images"]
         if len(sites) < fed.min_sites:
             raise RuntimeError(f"only {len(sites)} site(s) answered; federated.min_sites is {fed.min_sites}")
         self.summary["sites"] = {s["name"]: {"images": s["images"]} for s in sites.values()}
@@ -214,8 +222,11 @@ class FederatedRun:
             return None
 
         try:
-            strategy.start(grid=self.grid, initial_arrays=ArrayRecord(state), num_rounds=total - done,
-                           timeout=self.cfg.federated.round_timeout, evaluate_fn=after_round)
+            if self.cfg.federated.privacy.secure_aggregation:
+                self._secure_rounds(strategy, state, total - done, after_round)
+            else:
+                strategy.start(grid=self.grid, initial_arrays=ArrayRecord(state), num_rounds=total - done,
+                               timeout=self.cfg.federated.round_timeout, evaluate_fn=after_round)
         except PrivacyBudgetExhausted as err:
             # The last released model stands; no further round of any phase may be trained.
             log.warning("%s: %s; stopping training rounds here", phase, err)
@@ -223,6 +234,24 @@ class FederatedRun:
         if strategy.kept_previous:
             self.summary.setdefault("rounds_without_update", {})[phase] = strategy.kept_previous
         return latest
+
+    def _secure_rounds(self, strategy: Any, state: dict[str, torch.Tensor], rounds: int,
+                       after_round: Callable[[int, ArrayRecord], None]) -> None:
+        """Rounds whose sum comes from Flower's SecAgg+ workflow; evaluation, logging and
+        checkpoints go through the same strategy hooks and callback as plain rounds."""
+        fed = self.cfg.federated
+        nodes = list(self.site_names)
+        # Each site's weight is num-examples / max_weight: the largest site's count keeps the
+        # quantisation error smallest (see server.secure_aggregation).
+        max_weight = max(self.site_images.values())
+        for server_round in range(1, rounds + 1):
+            config = strategy.start_secure_round(server_round, state, nodes)
+            result = secure_round(self.grid, state, config, nodes, fed.privacy, max_weight, config["round"], fed.round_timeout)
+            accepted = strategy.accept_secure_aggregate(server_round, result.arrays, result.metrics, result.failures)
+            state = accepted if accepted is not None else state
+            messages = strategy.configure_evaluate(server_round, ArrayRecord(state), ConfigRecord(), self.grid)
+            strategy.aggregate_evaluate(server_round, self.grid.send_and_receive(messages, timeout=fed.round_timeout))
+            after_round(server_round, ArrayRecord(state))
 
     def _saved_ledger(self) -> str | None:
         """The privacy ledger of the newest global checkpoint when resuming (fine-tuning's if any)."""

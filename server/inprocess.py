@@ -9,7 +9,9 @@ simulate` and deployments use.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable
+from types import SimpleNamespace
 from typing import Any
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -47,7 +49,7 @@ class InProcessGrid(Grid):
 
     @property
     def run(self) -> Any:
-        raise NotImplementedError
+        return SimpleNamespace(run_id=self.run_id)  # what SecAgg+ rounds read
 
     def create_message(self, *args: Any, **kwargs: Any) -> Message:
         raise NotImplementedError
@@ -74,7 +76,9 @@ class InProcessGrid(Grid):
                 crash = self.crashes.get(node, lambda m: None)(message)
                 if crash:
                     raise RuntimeError(crash)
-                reply = self.client_app(message, self.contexts[node])
+                # The site gets its own copy, as over a network: Flower's SecAgg+ mod consumes
+                # parts of the message it is handed, and its stages share one content object.
+                reply = self.client_app(copy.deepcopy(message), self.contexts[node])
             except Exception as err:  # what Flower turns a ClientApp exception into
                 reply = Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=message)
             finally:

@@ -182,6 +182,44 @@ class GuardedRounds:
         self.metrics_log.write({**summary, "kept_previous_model": arrays is None, **_numbers(dict(metrics or {}))})
         return arrays, metrics
 
+    def accept_secure_aggregate(self, server_round: int, aggregate: dict[str, torch.Tensor] | None,
+                                per_site: dict[int, dict[str, Any]], failures: list[str]) -> dict[str, torch.Tensor] | None:
+        """The bookkeeping of aggregate_train for a SecAgg+ round, where the server sees each
+        site's metrics but only the sum of the weights: per-site lines, then the aggregate is used
+        only if enough sites contributed and it is finite and of the right shape (one bad site
+        cannot be singled out and left out: the sum is all there is)."""
+        run_round = server_round + self.round_offset
+        for node, metrics in per_site.items():
+            site = str(metrics.get("site", self.site_names.get(node, f"node {node}")))
+            self._record(run_round, site, "ok", **_numbers(metrics))
+        for node in self.sampled:
+            if node not in per_site:
+                self._record(run_round, self.site_names.get(node, f"node {node}"), "failed",
+                             reason="; ".join(failures) or "no answer within federated.round_timeout")
+        problem = None if aggregate is None else update_problem(aggregate, self.reference)
+        summary = {"phase": self.phase, "round": run_round, "sampled": len(self.sampled), "usable": len(per_site),
+                   "seconds": round(time.monotonic() - self.round_started, 3), "secure_aggregation": True}
+        if aggregate is None or problem is not None or len(per_site) < self.min_usable:
+            why = ("SecAgg+ halted" if aggregate is None else f"the secure sum is unusable: {problem}" if problem
+                   else "fewer than federated.min_sites")
+            log.warning("%s round %d: %s; keeping the previous global model", self.phase, run_round, why)
+            self.kept_previous.append(run_round)
+            self.metrics_log.write({**summary, "kept_previous_model": True, "reason": why})
+            return None
+        examples = sum(float(m.get("num-examples", 0)) for m in per_site.values())
+        losses = [(float(m["train_loss"]), float(m.get("num-examples", 0))) for m in per_site.values() if "train_loss" in m]
+        mean_loss = {"train_loss": sum(l * n for l, n in losses) / examples} if losses and examples else {}
+        self.metrics_log.write({**summary, "kept_previous_model": False, **mean_loss})
+        return aggregate
+
+    def start_secure_round(self, server_round: int, arrays: dict[str, torch.Tensor], nodes: list[int]) -> dict[str, Any]:
+        """What configure_train does for a plain round, for a SecAgg+ round: the fit config."""
+        self.reference, self.sampled, self.round_started = arrays, list(nodes), time.monotonic()
+        config: dict[str, Any] = {"round": server_round + self.round_offset, "phase": self.phase, "transport": "fp32"}
+        if isinstance(self.averaging, FedProx):
+            config["proximal-mu"] = self.averaging.proximal_mu
+        return config
+
     def _record(self, run_round: int, site: str, status: str, **fields: Any) -> None:
         if status != "ok":
             log.warning("%s round %d: site %s %s: %s", self.phase, run_round, site, status, fields.get("reason", ""))

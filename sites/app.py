@@ -17,19 +17,24 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.compat.common import recorddict_compat as compat
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from fedmae.config import ExperimentConfig
 from fedmae.data.cohort import Cohort, SiteData, load_cohort
 from fedmae.federated.settings import experiment_config, output_dir, site_config
 from fedmae.federated.site import SiteFinetuning, SitePretraining, scalar_metrics
-from fedmae.federated.updates import clip_update, from_wire, to_wire
+from fedmae.federated.updates import TENSOR_NAMES, clip_update, from_wire, to_wire
 
 app = ClientApp()
 
@@ -110,17 +115,26 @@ def _cohort(cfg, run_id: int) -> Cohort:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    if RECORD_KEY_CONFIGS in msg.content.config_records:
+        # One of the four SecAgg+ stages (federated.privacy.secure_aggregation): Flower's mod runs
+        # the protocol and calls _train_securely at the stage that needs this site's weights.
+        return secaggplus_mod(msg, context, _train_securely)
     run = site_run(context)
     config = msg.content["config"]
     transport = str(config.get("transport", "fp32"))
+    received = _global_model(msg.content["arrays"].to_torch_state_dict(), transport)
+    state, metrics = _train_round(run, config, received)
+    return _reply(msg, run, metrics, ArrayRecord(to_wire(state, transport)))
+
+
+def _train_round(run: SiteRun, config: Mapping[str, Any], received: dict[str, torch.Tensor]
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     phase, server_round = str(config["phase"]), int(config["round"])
-    received = _global_model(msg, transport)
     if phase == "pretrain":
-        trainer = run.pretrainer()
-        state, metrics = trainer.train_round(received, server_round, proximal_mu=float(config.get("proximal-mu", 0.0)))
+        state, metrics = run.pretrainer().train_round(received, server_round,
+                                                      proximal_mu=float(config.get("proximal-mu", 0.0)))
     elif phase == "finetune":
-        trainer = run.finetuner()
-        state, metrics = trainer.train_round(received, server_round)
+        state, metrics = run.finetuner().train_round(received, server_round)
     else:
         raise ValueError(f"unknown training phase {phase!r}")
     if KEY_CLIPPING_NORM in config:
@@ -129,7 +143,23 @@ def train(msg: Message, context: Context) -> Message:
         # reply as sent, i.e. after the cast to the wire precision (bf16 travels as int16 bits).
         state, norm = clip_update(state, received, float(config[KEY_CLIPPING_NORM]))
         metrics = {**metrics, "update_norm_before_clipping": norm}
-    return _reply(msg, run, metrics, ArrayRecord(to_wire(state, transport)))
+    return state, metrics
+
+
+def _train_securely(msg: Message, context: Context) -> Message:
+    """A SecAgg+ round's training step, in Flower's legacy fit format (the only one its mod
+    speaks): the weights go back to the mod, which masks them before anything leaves."""
+    run = site_run(context)
+    fit = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    config = dict(fit.config)
+    names = str(config.pop(TENSOR_NAMES)).split("\t")
+    arrays = parameters_to_ndarrays(fit.parameters)
+    received = _global_model({k: torch.from_numpy(a.copy()) for k, a in zip(names, arrays)}, "fp32")
+    state, metrics = _train_round(run, config, received)
+    examples = int(metrics.pop("num-examples"))
+    result = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([state[k].detach().cpu().numpy() for k in names]),
+                    examples, {**{k: float(v) for k, v in metrics.items()}, "site": run.name})
+    return Message(compat.fitres_to_recorddict(result, keep_input=False), reply_to=msg)
 
 
 @app.evaluate()
@@ -143,7 +173,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         outputs = 0 if isinstance(task, str) else task.num_outputs
         metrics = {"num-outputs": outputs, "num-examples": len(run.site.train) + len(run.site.unlabelled)}
         return _reply(msg, run, metrics, extra={"class-names": "" if isinstance(task, str) else "\t".join(task.class_names)})
-    received = _global_model(msg, transport)
+    received = _global_model(msg.content["arrays"].to_torch_state_dict(), transport)
     server_round = int(config.get("round", 0))
     if phase == "pretrain":
         trainer = run.pretrainer()
@@ -171,10 +201,9 @@ def _finetune_locally(run: SiteRun, encoder: dict[str, torch.Tensor]) -> dict[st
     return {**scalar_metrics(test), "num-examples": len(run.site.test)}
 
 
-def _global_model(msg: Message, transport: str) -> dict[str, torch.Tensor]:
+def _global_model(received: dict[str, torch.Tensor], transport: str) -> dict[str, torch.Tensor]:
     """The server's weights in fp32. A model that is not finite is refused here (the reply becomes
     an error the server logs); one of the wrong architecture is refused by the strict load."""
-    received = msg.content["arrays"].to_torch_state_dict()
     state = from_wire(received, transport, _float_reference(received))
     bad = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
     if bad is not None:

@@ -11,6 +11,10 @@ from collections.abc import Mapping
 
 import torch
 
+# Secure-aggregation rounds use Flower's legacy fit messages, whose parameters are an unnamed list:
+# the tensor names travel in the fit config under this key, tab-joined.
+TENSOR_NAMES = "tensor-names"
+
 WIRE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 

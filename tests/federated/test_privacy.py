@@ -142,7 +142,7 @@ def test_a_resumed_run_keeps_counting_the_privacy_spent(tmp_path, monkeypatch):
     ("federated.strategy=fedadam", "federated.strategy: differential privacy needs fedavg"),
     ("federated.fraction_train=0.5", "federated.fraction_train: must be 1 with differential privacy"),
     ("federated.privacy.noise_multiplier=0", "federated.privacy.noise_multiplier: must be positive"),
-    ("federated.privacy.secure_aggregation=true", "federated.privacy.dp: server-side clipping needs each site's"),
+    ("federated.privacy.secure_aggregation=true", "federated.privacy.dp: differential privacy together with secure"),
 ])
 def test_impossible_privacy_settings_are_refused_in_one_line(override, message):
     with pytest.raises(ConfigError, match=message):

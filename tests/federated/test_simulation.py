@@ -69,3 +69,20 @@ def test_simulate_with_client_side_differential_privacy(tmp_path):
     assert len(ok) == 4
     assert all(r["update_norm_before_clipping"] > clip >= r["update_norm"] * (1 - 1e-6) for r in ok)
     assert flower_processes() == before, "a Flower or Ray process outlived the run"
+
+
+@pytest.mark.slow
+def test_simulate_with_secure_aggregation(tmp_path):
+    """SecAgg+ rounds in real Flower processes: three sites, every round aggregated securely."""
+    before = flower_processes()
+    raw = tiny_raw(2, data={"num_sites": 3, "cases_per_site": 8}, pretrain={"epochs": 2, "warmup_epochs": 1},
+                   federated={"min_sites": 3, "round_timeout": 300, "finetune": "none",
+                              "privacy": {"secure_aggregation": True}})
+    result = fedmae("simulate", "--config", str(write_config(tmp_path, raw)), "--output", "fed", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "fed" / "rounds.jsonl").read_text().splitlines()]
+    rounds = [r for r in records if "usable" in r]
+    assert [(r["round"], r["usable"], r["secure_aggregation"], r["kept_previous_model"]) for r in rounds] == [
+        (1, 3, True, False), (2, 3, True, False)]
+    assert load_checkpoint(tmp_path / "fed" / "global" / "pretrain_last.pt", expect_kind="global")["extra"]["round"] == 2
+    assert flower_processes() == before, "a Flower or Ray process outlived the run"
