@@ -31,6 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from anywhere in the checkout
 from fedmae.engine.loop import MetricsLog  # noqa: E402
+from flwr.common.serde import recorddict_to_proto  # noqa: E402
 
 VARIANTS = ("none", "dp-server", "dp-client", "secagg")
 
@@ -71,6 +72,35 @@ def run_variant(variant: str, out: Path, base: list[str], clip: float | None) ->
             "privacy": summary.get("privacy")}
 
 
+def bytes_per_round(variant: str, out: Path, clip: float | None) -> dict[str, float]:
+    """Serialised size (protobuf, as Flower sends it) of what one site sends and receives in one
+    pre-training round of the demo model, through the real ServerApp / ClientApp code in-process."""
+    import yaml
+
+    from fedmae.federated.settings import experiment_config
+    from server.app import FederatedRun
+    from server.inprocess import InProcessGrid
+    from sites.app import app as client_app
+
+    raw = yaml.safe_load((REPO / "configs/demo.yaml").read_text())
+    raw["pretrain"].update(epochs=4, warmup_epochs=1)
+    raw["data"]["cases_per_site"] = 20
+    raw["federated"]["finetune"] = "none"
+    experiment = out / f"bytes-{variant}.yaml"
+    experiment.write_text(yaml.safe_dump(raw))
+    overrides = "; ".join(overrides_for(variant, clip))
+    run_config = {"experiment": str(experiment), "overrides": overrides, "output-dir": str(out / f"bytes-{variant}"),
+                  "resume": False}
+    grid = InProcessGrid(client_app, [{"partition-id": i, "num-partitions": 3} for i in range(3)], run_config)
+    up: list[int] = []
+    for node in grid.get_node_ids():
+        grid.faults[node] = lambda request, reply: (up.append(recorddict_to_proto(reply.content).ByteSize())
+                                                    if request.metadata.message_type == "train" else None) or reply
+    FederatedRun(grid, experiment_config(run_config), out / f"bytes-{variant}", resume=False).run()
+    down = [recorddict_to_proto(m.content).ByteSize() for m in grid.sent if m.metadata.message_type == "train"]
+    return {"up_bytes_per_site": sum(up) / 3, "down_bytes_per_site": sum(down) / 3}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", default=",".join(VARIANTS))
@@ -88,13 +118,17 @@ def main() -> None:
         row = run_variant(variant, out, base, clip)
         if variant == "none":
             clip = round(row["median_update_norm"], 4)
+        row.update(bytes_per_round(variant, out, clip))
         rows.append(row)
         print(json.dumps(row), flush=True)
     reference = rows[0]
-    print(f"\n{'variant':10} {'wall s':>7} {'x none':>7} {'AUC':>6} {'val loss':>9} {'epsilon':>9}  (clip {clip})")
+    print(f"\n{'variant':10} {'wall s':>7} {'x none':>7} {'up MB':>7} {'x none':>7} {'AUC':>6} {'val loss':>9} "
+          f"{'epsilon':>9}  (clip {clip})")
     for row in rows:
         eps = row["privacy"]["epsilon"] if row["privacy"] else None
-        print(f"{row['variant']:10} {row['wall_s']:7.1f} {row['wall_s'] / reference['wall_s']:7.2f} {row['auc']:6.3f} "
+        mb = row["up_bytes_per_site"] / 1e6
+        print(f"{row['variant']:10} {row['wall_s']:7.1f} {row['wall_s'] / reference['wall_s']:7.2f} {mb:7.3f} "
+              f"{row['up_bytes_per_site'] / reference['up_bytes_per_site']:7.2f} {row['auc']:6.3f} "
               f"{row['val_loss']:9.4f} {eps if eps is not None else '-':>9}")
     (out / "bench_privacy.json").write_text(json.dumps(rows, indent=2))
     print(f"\nresults: {out / 'bench_privacy.json'}")
