@@ -26,6 +26,7 @@ from flwr.serverapp.exception import PrivacyBudgetExhausted
 from fedmae.config import ExperimentConfig
 from fedmae.engine.loop import MetricsLog
 from fedmae.evaluation import finite_or_null, weighted_mean
+from fedmae.federated.flower_logging import log_through_flower
 from fedmae.federated.global_model import GlobalCheckpoints, frozen_keys, initial_encoder, initial_finetune_model
 from fedmae.federated.settings import experiment_config, output_dir
 from fedmae.federated.updates import to_wire
@@ -40,6 +41,7 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    log_through_flower()
     run_config = dict(context.run_config)
     cfg = experiment_config(run_config)
     FederatedRun(grid, cfg, output_dir(run_config, cfg), resume=bool(run_config.get("resume", False))).run()
@@ -57,7 +59,7 @@ class FederatedRun:
         self.log = MetricsLog(self.out / "rounds.jsonl")
         self.site_names: dict[int, str] = {}
         self.site_images: dict[int, int] = {}
-        self.summary: dict[str, Any] = {"config": cfg.to_dict()}
+        self.summary: dict[str, Any] = {"output_dir": str(self.out), "config": cfg.to_dict()}
         self.accountant = None
 
     def run(self) -> dict[str, Any]:

@@ -6,8 +6,9 @@
 # PKI_DIR   what `fedmae pki ca` / `fedmae pki server` wrote: ca/ca.crt, server/server.pem, server/server.key
 # STATE_DIR local disk (not NFS) for the SuperLink's database, superlink.db
 # PORT      the one port the hospitals dial (default 9091); bound on FEDMAE_HOST (default 0.0.0.0)
-# Flower 1.42 serves sites, `flwr` commands and runs on PORT over HTTPS; its older Fleet and
-# Control API addresses are kept on loopback so nothing else is exposed. Later options win.
+# Flower 1.42 serves sites, `flwr` commands and runs on PORT over HTTPS, and does not authenticate
+# `flwr` commands: allow only the hospitals and this machine through the firewall (docs/deploy.md,
+# "Security model"). Later options win.
 set -euo pipefail
 fail() { echo "start-superlink: $*" >&2; exit 2; }
 [[ $# -ge 2 ]] || fail "usage: server/start-superlink.sh PKI_DIR STATE_DIR [PORT] [flower-superlink options]"
@@ -22,5 +23,4 @@ mkdir -p "$state"
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1  # sites and server preinstall fedmae
 exec flower-superlink \
   --ssl-ca-certfile "$pki/ca/ca.crt" --ssl-certfile "$pki/server/server.pem" --ssl-keyfile "$pki/server/server.key" \
-  --enable-supernode-auth --host "${FEDMAE_HOST:-0.0.0.0}" --port "$port" --database "$state/superlink.db" \
-  --fleet-api-address 127.0.0.1:9092 --control-api-address 127.0.0.1:9093 "$@"
+  --enable-supernode-auth --host "${FEDMAE_HOST:-0.0.0.0}" --port "$port" --database "$state/superlink.db" "$@"

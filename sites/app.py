@@ -32,6 +32,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from fedmae.config import ExperimentConfig
 from fedmae.data.cohort import Cohort, SiteData, load_cohort
+from fedmae.federated.flower_logging import log_through_flower
 from fedmae.federated.settings import experiment_config, output_dir, site_config
 from fedmae.federated.site import SiteFinetuning, SitePretraining, scalar_metrics
 from fedmae.federated.updates import TENSOR_NAMES, clip_update, from_wire, to_wire
@@ -74,6 +75,7 @@ def site_run(context: Context) -> SiteRun:
     key = (context.run_id, *(tuple(sorted((k, str(v)) for k, v in d.items())) for d in (node, context.run_config)))
     if key in _RUNS:
         return _RUNS[key]
+    log_through_flower()
     run_config = dict(context.run_config)
     cfg = site_config(experiment_config(run_config), node)
     out = output_dir(run_config, cfg)

@@ -83,7 +83,6 @@ def test_tls_authenticated_two_site_run_and_both_refusals(tmp_path):
     try:
         superlink, superlink_log = start("superlink", [
             str(APP_DIR / "server/start-superlink.sh"), str(creds), str(tmp_path / "superlink-state"), str(port),
-            "--fleet-api-address", f"127.0.0.1:{free_port()}", "--control-api-address", f"127.0.0.1:{free_port()}",
             "--health-server-address", f"127.0.0.1:{free_port()}"])
         wait_until_healthy(port, creds / "ca/ca.crt", superlink, superlink_log)
         for site in ("site-0", "site-1"):
@@ -103,6 +102,7 @@ def test_tls_authenticated_two_site_run_and_both_refusals(tmp_path):
              f'experiment="{experiment}" output-dir="{tmp_path / "out"}"'],
             env=env, capture_output=True, text=True, timeout=500)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        assert "sites: site-" in run.stdout + run.stderr  # fedmae's own log lines reach the operator
         summary = json.loads((tmp_path / "out/summary.json").read_text())
         assert set(summary["sites"]) == {"site-0", "site-1"}
         assert set(summary["finetune"]["test"]["sites"]) == {"site-0", "site-1"}
