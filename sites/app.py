@@ -4,6 +4,9 @@ Train messages (config ``phase``):
 - ``pretrain``: receive the global encoder, run the round's local MAE epochs, reply with the new
   encoder and scalar metrics (loss, num-examples, seconds);
 - ``finetune``: the same for the whole fine-tune model (federated fine-tuning).
+With client-side differential privacy the update is clipped here before it leaves; with secure
+aggregation the train messages are Flower's SecAgg+ stages, answered through its mod, and the
+weights leave only masked.
 Evaluate messages:
 - ``describe``: the site's name, its task outputs and sizes (no weights);
 - ``pretrain``: validation reconstruction loss of the global encoder;
