@@ -13,11 +13,10 @@ from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
 
 from fedmae.checkpoint import load_checkpoint
 from fedmae.config import ConfigError, load_config
-from fedmae.federated.global_model import initial_encoder
+from fedmae.federated.global_model import GlobalCheckpoints, initial_encoder
 from fedmae.federated.settings import experiment_config
 from server.privacy import new_accountant
 from tests.federated.test_rounds import Interrupted, global_encoder, rounds_log, run, setup_run
-from fedmae.federated.global_model import GlobalCheckpoints
 
 
 def dp(side: str, noise: float, clip: float, **more) -> dict:
@@ -79,6 +78,11 @@ def test_epsilon_is_accounted_per_round_across_both_phases(tmp_path):
     assert summary["privacy"]["releases"] == 4 and "one whole site" in summary["privacy"]["guarantee"]
 
 
+def load_config_for(tmp_path: Path, federated: dict):
+    _, run_config = setup_run(tmp_path / "probe", federated=federated)
+    return experiment_config(run_config)
+
+
 def test_a_run_stops_training_when_the_next_round_would_exceed_max_epsilon(tmp_path):
     one_round = new_accountant(load_config_for(tmp_path, dp("server", 2.0, 1.0)).federated.privacy, 2)
     one_round.compose(GaussianPrivacyEvent(noise_multiplier=2.0, sample_size=2, population_size=2))
@@ -91,11 +95,6 @@ def test_a_run_stops_training_when_the_next_round_would_exceed_max_epsilon(tmp_p
     assert summary["privacy"]["epsilon"] <= budget
     assert summary["finetune"] == {"mode": "federated", "rounds": 0, "test": {}}
     assert (Path(run_config["output-dir"]) / "global" / "pretrain_last.pt").exists()
-
-
-def load_config_for(tmp_path: Path, federated: dict):
-    _, run_config = setup_run(tmp_path / "probe", federated=federated)
-    return experiment_config(run_config)
 
 
 def test_a_missing_site_means_no_release_under_dp(tmp_path):
