@@ -44,7 +44,7 @@ from flwr.supercore.privacy_accounting import PrivacyAccountant
 from fedmae.config import ExperimentConfig
 from fedmae.engine.loop import MetricsLog
 from fedmae.evaluation import weighted_mean
-from fedmae.federated.updates import from_wire, to_wire, update_problem
+from fedmae.federated.updates import from_wire, to_wire, update_norm, update_problem
 
 log = logging.getLogger("fedmae.server")
 
@@ -158,7 +158,7 @@ class GuardedRounds:
             update = {name: update[name] for name in self.reference}
             message.content[key] = ArrayRecord(update)
             usable.append(message)
-            self._record(run_round, site, "ok", update_norm=_distance(update, self.reference), **_numbers(metrics))
+            self._record(run_round, site, "ok", update_norm=update_norm(update, self.reference), **_numbers(metrics))
         for node in self.sampled:
             if node not in answered:
                 self._record(run_round, self.site_names.get(node, f"node {node}"), "no reply",
@@ -206,10 +206,8 @@ class GuardedRounds:
             self.kept_previous.append(run_round)
             self.metrics_log.write({**summary, "kept_previous_model": True, "reason": why})
             return None
-        examples = sum(float(m.get("num-examples", 0)) for m in per_site.values())
-        losses = [(float(m["train_loss"]), float(m.get("num-examples", 0))) for m in per_site.values() if "train_loss" in m]
-        mean_loss = {"train_loss": sum(l * n for l, n in losses) / examples} if losses and examples else {}
-        self.metrics_log.write({**summary, "kept_previous_model": False, **mean_loss})
+        means = weighted_mean(_numbers(m) for m in per_site.values())
+        self.metrics_log.write({**summary, "kept_previous_model": False, **means})
         return aggregate
 
     def start_secure_round(self, server_round: int, arrays: dict[str, torch.Tensor], nodes: list[int]) -> dict[str, Any]:
@@ -259,13 +257,6 @@ def build_strategy(cfg: ExperimentConfig, phase: str, num_sites: int, accountant
             accountant=accountant)
     strategy.setup_rounds(phase=phase, transport=fed.transport, min_usable=fed.min_sites, **setup)
     return strategy
-
-
-def _distance(update: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
-    """L2 norm of ``update - reference`` over all floating-point tensors."""
-    total = sum(float(torch.sum((update[k].double() - reference[k].double()) ** 2))
-                for k in reference if reference[k].is_floating_point())
-    return math.sqrt(total)
 
 
 def _numbers(metrics: dict[str, Any]) -> dict[str, float]:

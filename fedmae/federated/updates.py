@@ -7,6 +7,7 @@ ArrayRecord has no bfloat16) and back to fp32 on receipt, so averaging always ru
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -64,13 +65,19 @@ def update_problem(update: Mapping[str, torch.Tensor], reference: Mapping[str, t
     return None
 
 
+def update_norm(state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]) -> float:
+    """L2 norm of ``state - reference`` over all floating-point tensors (in float64)."""
+    return math.sqrt(sum(float(torch.sum((state[k].double() - reference[k].double()) ** 2))
+                         for k in state if state[k].is_floating_point()))
+
+
 def clip_update(state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], max_norm: float
                 ) -> tuple[dict[str, torch.Tensor], float]:
     """``reference + (state - reference) * min(1, max_norm / ||state - reference||)``, the L2 norm
     taken over every floating-point tensor (what Flower's client-side DP clipping does), and the
     norm before clipping."""
+    norm = update_norm(state, reference)
     deltas = {k: state[k].double() - reference[k].double() for k in state if state[k].is_floating_point()}
-    norm = float(torch.sqrt(sum(torch.sum(d * d) for d in deltas.values()))) if deltas else 0.0
     scale = min(1.0, max_norm / norm) if norm > 0 else 1.0
     clipped = {k: (reference[k].double() + deltas[k] * scale).to(v.dtype) if k in deltas else v for k, v in state.items()}
     return clipped, norm

@@ -13,10 +13,10 @@ from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
 
 from fedmae.checkpoint import load_checkpoint
 from fedmae.config import ConfigError, load_config
-from fedmae.federated.global_model import GlobalCheckpoints, initial_encoder
+from fedmae.federated.global_model import initial_encoder
 from fedmae.federated.settings import experiment_config
 from server.privacy import new_accountant
-from tests.federated.test_rounds import Interrupted, global_encoder, rounds_log, run, setup_run
+from tests.federated.test_rounds import global_encoder, rounds_log, run, run_until_stopped_after_round_2, setup_run
 
 
 def dp(side: str, noise: float, clip: float, **more) -> dict:
@@ -118,18 +118,7 @@ def test_a_resumed_run_keeps_counting_the_privacy_spent(tmp_path, monkeypatch):
     expected = run(grid, straight)["privacy"]
 
     grid, stopped = setup_run(tmp_path / "stopped", **sections)
-    original = GlobalCheckpoints.save
-
-    def save_then_stop(self, phase, server_round, *args, **kwargs):
-        path = original(self, phase, server_round, *args, **kwargs)
-        if server_round == 2:
-            raise Interrupted
-        return path
-
-    monkeypatch.setattr(GlobalCheckpoints, "save", save_then_stop)
-    with pytest.raises(Interrupted):
-        run(grid, stopped)
-    monkeypatch.setattr(GlobalCheckpoints, "save", original)
+    run_until_stopped_after_round_2(grid, stopped, monkeypatch)
     resumed = run(grid, stopped, resume=True)["privacy"]
     assert resumed["releases"] == expected["releases"] == 3
     assert resumed["epsilon"] == pytest.approx(expected["epsilon"])

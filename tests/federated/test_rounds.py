@@ -185,12 +185,8 @@ class Interrupted(Exception):
     pass
 
 
-def test_a_stopped_run_resumes_with_the_right_rounds_and_ends_as_an_uninterrupted_one(tmp_path, monkeypatch):
-    sections = {"pretrain": {"epochs": 4, "warmup_epochs": 1}}
-    grid, straight = setup_run(tmp_path / "straight", **sections)
-    run(grid, straight)
-
-    grid, stopped = setup_run(tmp_path / "stopped", **sections)
+def run_until_stopped_after_round_2(grid: InProcessGrid, run_config: dict, monkeypatch) -> None:
+    """Run until the server has checkpointed round 2, then stop it as a crash would."""
     original = GlobalCheckpoints.save
 
     def save_then_stop(self, phase, server_round, *args, **kwargs):
@@ -201,8 +197,17 @@ def test_a_stopped_run_resumes_with_the_right_rounds_and_ends_as_an_uninterrupte
 
     monkeypatch.setattr(GlobalCheckpoints, "save", save_then_stop)
     with pytest.raises(Interrupted):
-        run(grid, stopped)
+        run(grid, run_config)
     monkeypatch.setattr(GlobalCheckpoints, "save", original)
+
+
+def test_a_stopped_run_resumes_with_the_right_rounds_and_ends_as_an_uninterrupted_one(tmp_path, monkeypatch):
+    sections = {"pretrain": {"epochs": 4, "warmup_epochs": 1}}
+    grid, straight = setup_run(tmp_path / "straight", **sections)
+    run(grid, straight)
+
+    grid, stopped = setup_run(tmp_path / "stopped", **sections)
+    run_until_stopped_after_round_2(grid, stopped, monkeypatch)
     with pytest.raises(FileExistsError, match="resume=true"):
         run(grid, stopped)
     run(grid, stopped, resume=True)
