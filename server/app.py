@@ -28,7 +28,7 @@ from fedmae.engine.loop import MetricsLog
 from fedmae.evaluation import finite_or_null, weighted_mean
 from fedmae.federated.flower_logging import log_through_flower
 from fedmae.federated.global_model import GlobalCheckpoints, frozen_keys, initial_encoder, initial_finetune_model
-from fedmae.federated.settings import experiment_config, output_dir
+from fedmae.federated.settings import check_site_count, experiment_config, output_dir
 from fedmae.federated.updates import to_wire
 from fedmae.models.state import ENCODER_PREFIX
 from server.privacy import ledger, new_accountant, spent
@@ -65,11 +65,8 @@ class FederatedRun:
     def run(self) -> dict[str, Any]:
         started = time.monotonic()
         sites = self.describe_sites()
-        privacy = self.cfg.federated.privacy
-        if privacy.secure_aggregation and len(sites) < privacy.secagg_shares:
-            raise RuntimeError(f"secure aggregation: {len(sites)} site(s) answered, fewer than "
-                               f"federated.privacy.secagg_shares={privacy.secagg_shares}")
-        if privacy.dp != "none":
+        check_site_count(self.cfg, len(sites))
+        if self.cfg.federated.privacy.dp != "none":
             self.accountant = new_accountant(self.cfg.federated.privacy, len(sites), self._saved_ledger())
         start = self.cfg.federated.start_from
         encoder = self.pretrain(len(sites)) if start is None else self.starting_encoder(start)

@@ -54,3 +54,13 @@ def site_config(cfg: ExperimentConfig, node_config: Mapping[str, Any]) -> Experi
     data = dataclasses.replace(cfg.data, root=str(Path(str(node_config["data-dir"])).absolute()), partition="natural",
                                num_sites=1, split_file=None)
     return dataclasses.replace(cfg, data=data)
+
+
+def check_site_count(cfg: ExperimentConfig, num_sites: int) -> None:
+    """Refuse, in one line, a federation too small for the experiment's privacy settings (known
+    only once the sites are: from the data in simulation, from the sites that answer in a deployment)."""
+    shares = cfg.federated.privacy.secagg_shares
+    if cfg.federated.privacy.secure_aggregation and num_sites < shares:
+        raise ValueError(f"federated.privacy.secure_aggregation: {num_sites} site(s), fewer than "
+                         f"federated.privacy.secagg_shares={shares}; secure aggregation needs at least that many")
+

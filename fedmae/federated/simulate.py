@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from fedmae.config import ExperimentConfig
-from fedmae.federated.settings import APP_DIR
+from fedmae.federated.settings import APP_DIR, check_site_count
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ def client_resources(num_sites: int) -> dict[str, float]:
 def simulate(config_path: Path, overrides: list[str], cfg: ExperimentConfig, num_sites: int, output_dir: Path,
              resume: bool = False, stream=None) -> int:
     """Run the app on ``num_sites`` virtual sites; returns the exit status of ``flwr run``."""
+    check_site_count(cfg, num_sites)  # before Flower starts, not as a traceback inside it
     if not (APP_DIR / "pyproject.toml").is_file():
         raise FileNotFoundError(f"{APP_DIR}: the fedmae app (pyproject.toml) is not here; run from a source checkout")
     home = Path(tempfile.mkdtemp(prefix="fedmae-flwr-"))

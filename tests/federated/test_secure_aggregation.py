@@ -70,5 +70,5 @@ def test_too_few_sites_for_the_threshold_keeps_the_previous_model(tmp_path):
 
 def test_secure_aggregation_needs_as_many_sites_as_shares(tmp_path):
     grid, secure = setup_run(tmp_path, num_sites=2, federated=SECURE)
-    with pytest.raises(RuntimeError, match="fewer than federated.privacy.secagg_shares=3"):
+    with pytest.raises(ValueError, match="fewer than federated.privacy.secagg_shares=3"):
         run(grid, secure)
