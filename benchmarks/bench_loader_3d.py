@@ -3,7 +3,8 @@
 One process, one data set: a Decathlon-layout CT folder of gzip NIfTI volumes at a clinical voxel
 size (stored LPS-like, so orienting, resampling to 1.5 x 1.5 x 2.0 mm, windowing and foreground
 cropping all do real work), read through fedmae's own path (``load_cohort`` ->
-``pretraining_dataset`` -> ``make_loader``, a fresh loader per epoch as ``pretrain_epoch`` builds).
+``pretraining_dataset`` -> ``EpochLoader``, one loader whose workers persist across epochs, as
+``pretrain`` builds it).
 
 * step: MAE pre-training steps (forward, masked loss, backward, clip, AdamW) on real crops, batch B;
   median over steps after warm-up; bf16 autocast on CUDA, fp32 on CPU, as fedmae trains.
@@ -12,8 +13,8 @@ cropping all do real work), read through fedmae's own path (``load_cohort`` ->
   growth it costs; then epochs draw random crops + flips from the cached tensors.
 * loader, ``disk`` (MONAI PersistentDataset): the first pass computes and writes, later passes read.
 Each loader setting runs with ``data.num_workers`` 0 and 2 (``--workers``); its rate is the median
-of per-epoch samples/s, start-up included (``1st batch s``: workers are started afresh each epoch,
-which weighs on small data sets such as one site's share). The load average is printed because other
+of per-epoch samples/s, start-up included (``1st batch s``: the first epoch starts the workers; later
+epochs reuse them). The load average is printed because other
 work on a shared machine skews every figure.
 
 Read ``ratio`` = loader samples/s / step samples/s: above 1 the loader can keep up with training,
@@ -47,8 +48,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anyw
 from benchmarks.memory import with_peak_rss  # noqa: E402
 from fedmae.config import config_from_dict  # noqa: E402
 from fedmae.data.cohort import load_cohort  # noqa: E402
-from fedmae.data.datasets import epoch_seed, make_loader, pretraining_dataset  # noqa: E402
-from fedmae.engine.loop import autocast  # noqa: E402
+from fedmae.data.datasets import pretraining_dataset  # noqa: E402
+from fedmae.data.loader import EpochLoader, epoch_seed  # noqa: E402
+from fedmae.engine.device import allow_tf32, autocast  # noqa: E402
 from fedmae.engine.optim import build_optimizer  # noqa: E402
 from fedmae.engine.pretrain import mae_loss  # noqa: E402
 from fedmae.models.factory import build_mae  # noqa: E402
@@ -106,14 +108,14 @@ def make_cfg(s: Setup, root: Path, cache: str = "memory", workers: int = 0, devi
 
 
 def loader_rate(dataset, cfg, epochs: int, min_seconds: float = 0.0) -> dict:
-    """Median per-epoch samples/s and seconds to the first batch, over at least ``epochs`` shuffled
-    passes and ``min_seconds``, each through a fresh loader as pre-training builds one per epoch."""
+    """Median per-epoch samples/s and seconds to the first batch (median over epochs; the first
+    epoch starts the workers), over at least ``epochs`` shuffled passes and ``min_seconds``, through
+    one loader as pre-training uses it."""
+    loader = EpochLoader(dataset, cfg.pretrain.batch_size, True, cfg.data.num_workers, torch.device(cfg.device))
     rates, firsts, began = [], [], time.perf_counter()
     while len(rates) < epochs or time.perf_counter() - began < min_seconds:
-        loader = make_loader(dataset, cfg.pretrain.batch_size, epoch_seed(cfg.seed, len(rates)), True,
-                             cfg.data.num_workers)
         start, count, first = time.perf_counter(), 0, None
-        for batch in loader:
+        for batch in loader.epoch(epoch_seed(cfg.seed, len(rates))):
             count += len(batch["image"])
             first = first or time.perf_counter() - start
         rates.append(count / (time.perf_counter() - start))
@@ -139,7 +141,7 @@ def step_rate(cfg, batch: dict, device: torch.device, warmup: int, steps: int) -
         if p.clip_grad is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), p.clip_grad)
         optimizer.step()
-        loss.item()  # as the training loop does; also a sync point
+        loss.item()  # a sync point, so the step is timed whole
         if i >= warmup:
             times.append(time.perf_counter() - start)
     median = statistics.median(times)
@@ -163,7 +165,7 @@ def main() -> None:
     s = replace(s, volumes=args.volumes or s.volumes, shape=tuple(args.shape or s.shape))
     device = torch.device(args.device)
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
+        allow_tf32()
     threads = f"cpu ({torch.get_num_threads()} threads)"
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else threads
 
@@ -186,7 +188,7 @@ def main() -> None:
         # Memory cache first, so that its RSS growth is not hidden in memory freed by other work.
         cfg = make_cfg(s, root, "memory")
         mem_set, fill_s, peak_mb, kept_mb = with_peak_rss(lambda: pretraining_dataset(images, cfg, prep))
-        cached = [item["image"] for item in getattr(mem_set, "_cache", []) if isinstance(item, dict)]
+        cached = [item["image"] for item in mem_set.store]
         cache_mb = sum(x.nbytes for x in cached) / 2**20
         shapes = sorted({tuple(x.shape[1:]) for x in cached})
         for i, w in enumerate(args.workers):

@@ -136,7 +136,7 @@ def _evaluate(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
     from fedmae.checkpoint import load_checkpoint
     from fedmae.data.cohort import load_cohort
     from fedmae.engine.finetune import evaluate_sites
-    from fedmae.engine.loop import resolve_device
+    from fedmae.engine.device import resolve_device
     from fedmae.models.factory import build_finetune_model
     from fedmae.models.state import load_model_state
 

@@ -78,7 +78,9 @@ class DataConfig:
     cache_dir: str | None = None  # for cache: disk; shared by runs and simulated sites
     check: Literal["full", "quick"] = "full"  # before training, read every file (full) or only headers (quick)
     skip_bad_cases: bool = False  # leave out cases with problems (listed in bad_cases.csv) instead of stopping
-    num_workers: int = 0
+    # Loader processes per dataset; auto: none on the CPU or when a batch is a stack of cached
+    # tensors (nothing random per sample), up to 4 per GPU otherwise. Results do not depend on it.
+    num_workers: int | Literal["auto"] = "auto"
 
 
 @dataclass
@@ -107,6 +109,8 @@ class PretrainConfig:
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
     clip_grad: float | None = 3.0  # max gradient norm; null: no clipping
+    eval_every: int = 1  # validation reconstruction loss every N epochs (and after the last)
+    checkpoint_every: int = 1  # write checkpoint_last.pt every N epochs (and after the last); resume starts there
 
 
 @dataclass
@@ -123,6 +127,8 @@ class FinetuneConfig:
     drop_path: float = 0.1
     label_fraction: float = 1.0  # share of each site's labelled training cases used (label-scarce studies)
     sw_overlap: float = 0.5  # sliding-window overlap for segmentation inference
+    eval_every: int = 1  # validate (and so select the model) every N epochs, and after the last
+    checkpoint_every: int = 1  # write the last and best checkpoints every N epochs (and after the last)
 
 
 @dataclass
@@ -182,6 +188,10 @@ class CompareConfig:
     # test cases; federated: FedAvg of the whole fine-tune model across the sites (Flower).
     finetune: Literal["local", "federated"] = "local"
     reconstructions: int = 4  # validation cases shown through the federated encoder (0: no figure)
+    # Independent runs at once (arms of a seed, sites of the local arm, local fine-tunes), each in
+    # its own process with an equal share of the cores (or its own GPU); 1: one after another, in
+    # this process; auto: as many as there are GPUs, else up to one per core (at most 8).
+    parallel: int | Literal["auto"] = "auto"
 
 
 @dataclass
@@ -189,6 +199,7 @@ class ExperimentConfig:
     name: str = "experiment"
     seed: int = 0
     device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:N
+    compile: bool = False  # torch.compile the model for training (CUDA: faster steps after a slow start; CPU: rarely worth it)
     output_dir: str | None = None  # None: runs/<name>
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -545,8 +556,8 @@ def validate(cfg: ExperimentConfig, source: str) -> None:
             fail(f"data.{key}", f"must be in [0, 1], got {getattr(d, key)}")
     if d.cache == "disk" and d.cache_dir is None:
         fail("data.cache_dir", "cache: disk needs a folder for the preprocessed files")
-    if d.num_workers < 0:
-        fail("data.num_workers", f"must be non-negative, got {d.num_workers}")
+    if d.num_workers != "auto" and d.num_workers < 0:
+        fail("data.num_workers", f"must be auto or non-negative, got {d.num_workers}")
 
     t = cfg.task
     if t.class_names is not None and (not t.class_names or len(set(t.class_names)) != len(t.class_names)):
@@ -580,6 +591,9 @@ def validate(cfg: ExperimentConfig, source: str) -> None:
             fail(f"{section}.betas", f"each beta must be in [0, 1), got {list(s.betas)}")
         if s.clip_grad is not None and s.clip_grad <= 0:
             fail(f"{section}.clip_grad", f"must be positive or null, got {s.clip_grad}")
+        for key in ("eval_every", "checkpoint_every"):
+            if getattr(s, key) < 1:
+                fail(f"{section}.{key}", f"must be at least 1 (epochs), got {getattr(s, key)}")
     f = cfg.finetune
     if not 0.0 < f.layer_decay <= 1.0:
         fail("finetune.layer_decay", f"must be in (0, 1], got {f.layer_decay}")
@@ -619,5 +633,7 @@ def validate(cfg: ExperimentConfig, source: str) -> None:
              "one per site; use finetune: local or drop local from compare.arms")
     if c.reconstructions < 0:
         fail("compare.reconstructions", f"must be non-negative, got {c.reconstructions}")
+    if c.parallel != "auto" and c.parallel < 1:
+        fail("compare.parallel", f"must be auto or at least 1, got {c.parallel}")
     if cfg.device != "auto" and cfg.device != "cpu" and not cfg.device.startswith("cuda"):
         fail("device", f"must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")

@@ -19,7 +19,7 @@ from monai.networks.utils import one_hot
 from torch import nn
 
 from fedmae.data.datasets import TaskSpec
-from fedmae.engine.loop import autocast
+from fedmae.engine.device import autocast, to_device
 
 
 def main_metric(task: TaskSpec) -> str:
@@ -50,7 +50,7 @@ def _classification(model, loader, task: TaskSpec, device) -> dict[str, Any]:
     logits, targets = [], []
     for batch in loader:
         with autocast(device):
-            logits.append(model(batch["image"].to(device)).float().cpu())
+            logits.append(model(batch["image"].to(device, non_blocking=True)).float().cpu())
         targets.append(batch["label"])
     y_logit, y = torch.cat(logits), torch.cat(targets)
     result: dict[str, Any] = {"main": main_metric(task), "cases": len(y)}
@@ -79,7 +79,8 @@ def _segmentation(model, loader, task: TaskSpec, device, roi_size, overlap, hd95
     distances: list[torch.Tensor] = []
     cases = 0
     for batch in loader:
-        image, label = batch["image"].to(device), batch["label"].to(device)
+        batch = to_device(batch, device)
+        image, label = batch["image"], batch["label"]
         with autocast(device):
             logits = sliding_window_inference(image, roi_size, 4, model, overlap=overlap, mode="gaussian")
         logits = logits.float()

@@ -174,6 +174,9 @@ class GuardedRounds:
             self.kept_previous.append(run_round)
             self.metrics_log.write({**summary, "kept_previous_model": True, "reason": why})
             return None, None
+        # The average is summed in a fixed order (by site), not in the order replies arrived, so a
+        # run gives the same weights to the bit however its sites were scheduled.
+        usable.sort(key=lambda message: str(message.content["site"]["name"]))
         arrays, metrics = super().aggregate_train(server_round, usable)
         if arrays is not None and self.private and self.fixed_keys:
             noisy = arrays.to_torch_state_dict()

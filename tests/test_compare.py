@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from fedmae.checkpoint import load_checkpoint
 from fedmae.comparison.report import cell
 from tests.federated.test_simulation import flower_processes
 from tests.test_cli import fedmae, write_config
@@ -134,3 +136,44 @@ def test_federated_fine_tuning_protocol_runs_every_arm_on_flower(tmp_path):
         assert set(r["sites"]) == {"site-0", "site-1"}
     assert "fine-tuning round 2/2" in result.stderr
     assert "MAE reconstructions" not in (out / "report.md").read_text()
+
+
+def test_runs_in_worker_processes_give_the_sequential_results_to_the_bit(tmp_path):
+    # One thread per run both ways, so each run computes exactly the same; the local arm's sites and
+    # every site's fine-tuning run at once in the parallel comparison.
+    import torch
+
+    from fedmae.comparison.run import compare
+    from fedmae.config import load_config
+
+    config = comparison_config(tmp_path, arms=["centralised", "local", "none"], reconstructions=0)
+    cfg = load_config(config)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        sequential = compare(dataclasses.replace(cfg, compare=dataclasses.replace(cfg.compare, parallel=1)),
+                             config, [], tmp_path / "sequential")
+    finally:
+        torch.set_num_threads(threads)
+    parallel = compare(dataclasses.replace(cfg, compare=dataclasses.replace(cfg.compare, parallel=2)),
+                       config, [], tmp_path / "parallel", threads=1)
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in sequential]
+    assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in parallel]
+    for checkpoint in (tmp_path / "sequential").rglob("checkpoint_*.pt"):
+        twin = tmp_path / "parallel" / checkpoint.relative_to(tmp_path / "sequential")
+        a, b = load_checkpoint(checkpoint)["model"], load_checkpoint(twin)["model"]
+        assert all(torch.equal(a[k], b[k]) for k in a), checkpoint
+
+
+def test_progress_clock_counts_whole_minutes_and_seconds(monkeypatch):
+    import io
+    import time
+
+    from fedmae.comparison.run import ProgressLine
+
+    stream = io.StringIO()
+    line = ProgressLine(stream, started=1000.0).at(0, "local")
+    for now in (1659.7, 1660.2):
+        monkeypatch.setattr(time, "monotonic", lambda now=now: now)
+        line("x")
+    assert stream.getvalue().splitlines() == ["[ 10:59] seed 0 | local only | x", "[ 11:00] seed 0 | local only | x"]

@@ -1,13 +1,14 @@
 """The pre-training arms of a comparison, each on the same data, splits and budget.
 
-An arm yields, for every site, the checkpoint whose encoder that site fine-tunes from (None: random
-initialisation), and its pre-training curve: validation reconstruction loss per epoch, so arms
-that exchange weights every few epochs (federated rounds) and arms that do not line up.
+An arm leaves, for every site, the checkpoint whose encoder that site fine-tunes from
+(:func:`encoder_checkpoint`; None: random initialisation), and yields its pre-training curve:
+validation reconstruction loss per epoch, so arms that exchange weights every few epochs (federated
+rounds) and arms that do not line up.
 
 - centralised: `fedmae pretrain` on all sites' training images pooled;
 - federated: the fedmae Flower app on Flower's simulation engine (FedAvg of the encoder);
-- local: each site pre-trains on its own images alone (its own encoder);
-- none: no pre-training.
+- local: each site pre-trains on its own images alone (its own encoder; one run per site);
+- none: no pre-training (no run: its sites fine-tune from a random initialisation).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 from fedmae.config import ExperimentConfig
 from fedmae.data.cohort import Cohort
 from fedmae.engine.loop import MetricsLog
-from fedmae.engine.pretrain import pretrain
+from fedmae.engine.pretrain import LAST, pretrain
 from fedmae.evaluation import weighted_mean
 
 Progress = Callable[[str], None]
@@ -31,9 +32,16 @@ ARM_TITLES = {"centralised": "centralised", "federated": "federated (FedAvg)", "
 
 @dataclasses.dataclass
 class Pretrained:
-    encoders: dict[str, Path | None]  # site -> checkpoint to fine-tune from
     curve: list[dict[str, float]]  # [{"epoch", "val_loss"}], val loss weighted over the sites' validation cases
     seconds: float = 0.0
+
+
+def encoder_checkpoint(arm: str, folder: Path, site: str) -> Path | None:
+    """Where an arm's pre-training (in ``folder``) leaves the encoder ``site`` fine-tunes from;
+    None for no pre-training. Known before the arm runs, so fine-tuning can be planned with it."""
+    return {"centralised": folder / "pretrain" / LAST,
+            "federated": folder / "flower" / "global" / "pretrain_last.pt",
+            "local": folder / "pretrain" / site / LAST}.get(arm)
 
 
 def single_site(cohort: Cohort, site_name: str) -> Cohort:
@@ -45,43 +53,51 @@ def centralised(cfg: ExperimentConfig, cohort: Cohort, folder: Path, progress: P
     epochs = cfg.pretrain.epochs
 
     def on_epoch(epoch: int, record: dict[str, Any]) -> None:
-        progress(f"pre-training epoch {epoch}/{epochs}: val loss {record['val_loss']:.4f}")
+        if "val_loss" in record:
+            progress(f"pre-training epoch {epoch}/{epochs}: val loss {record['val_loss']:.4f}")
 
     result = pretrain(cfg, folder / "pretrain", resume=True, cohort=cohort, on_epoch_end=on_epoch)
-    curve = [{"epoch": r["epoch"], "val_loss": r["val_loss"]} for r in MetricsLog(folder / "pretrain" / "metrics.jsonl").read()]
-    return Pretrained({site.name: result.checkpoint for site in cohort.sites}, curve, result.seconds)
+    return Pretrained(_curve(folder / "pretrain"), result.seconds)
 
 
-def local(cfg: ExperimentConfig, cohort: Cohort, folder: Path, progress: Progress) -> Pretrained:
-    encoders, curves, seconds = {}, {}, 0.0
+def local_site(cfg: ExperimentConfig, cohort: Cohort, site_name: str, folder: Path, progress: Progress) -> Pretrained:
+    """One site of the local arm: it pre-trains on its own images alone. Its curve is its own."""
     epochs = cfg.pretrain.epochs
-    for site in cohort.sites:
-        def on_epoch(epoch: int, record: dict[str, Any], name: str = site.name) -> None:
-            progress(f"{name} pre-training alone, epoch {epoch}/{epochs}: val loss {record['val_loss']:.4f}")
 
-        run = folder / "pretrain" / site.name
-        result = pretrain(cfg, run, resume=True, cohort=single_site(cohort, site.name), on_epoch_end=on_epoch)
-        encoders[site.name], seconds = result.checkpoint, seconds + result.seconds
-        curves[site.name] = {r["epoch"]: r["val_loss"] for r in MetricsLog(run / "metrics.jsonl").read()}
+    def on_epoch(epoch: int, record: dict[str, Any]) -> None:
+        if "val_loss" in record:
+            progress(f"{site_name} pre-training alone, epoch {epoch}/{epochs}: val loss {record['val_loss']:.4f}")
+
+    run = folder / "pretrain" / site_name
+    result = pretrain(cfg, run, resume=True, cohort=single_site(cohort, site_name), on_epoch_end=on_epoch)
+    return Pretrained(_curve(run), result.seconds)
+
+
+def _curve(run: Path) -> list[dict[str, float]]:
+    return [{"epoch": r["epoch"], "val_loss": r["val_loss"]} for r in MetricsLog(run / "metrics.jsonl").read() if "val_loss" in r]
+
+
+def local(cohort: Cohort, parts: dict[str, Pretrained]) -> Pretrained:
+    """The local arm from its sites' runs: each site's encoder, and the curve averaged over the
+    sites weighted by their validation cases."""
     weights = {site.name: len(site.val) for site in cohort.sites}
+    curves = {name: {p["epoch"]: p["val_loss"] for p in part.curve} for name, part in parts.items()}
+    evaluated = sorted({epoch for c in curves.values() for epoch in c})
     curve = [{"epoch": epoch, "val_loss": weighted_mean([{"val_loss": c[epoch], "num-examples": weights[name]}
                                                          for name, c in curves.items() if epoch in c])["val_loss"]}
-             for epoch in range(1, epochs + 1)]
-    return Pretrained(encoders, curve, seconds)
-
-
-def none(cfg: ExperimentConfig, cohort: Cohort, folder: Path, progress: Progress) -> Pretrained:
-    return Pretrained({site.name: None for site in cohort.sites}, [])
+             for epoch in evaluated]
+    return Pretrained(curve, sum(part.seconds for part in parts.values()))
 
 
 def federated(cfg: ExperimentConfig, cohort: Cohort, folder: Path, progress: Progress,
-              config_path: Path, overrides: list[str]) -> Pretrained:
+              config_path: Path, overrides: list[str], cpus: int | None = None) -> Pretrained:
     """FedAvg pre-training on Flower's simulation engine; Flower's own log goes to ``flower.log``.
-    Under the federated fine-tuning protocol the same Flower run fine-tunes afterwards."""
+    Under the federated fine-tuning protocol the same Flower run fine-tunes afterwards.
+    ``cpus``: the cores the simulation may use (default: the machine's)."""
     from fedmae.federated.simulate import simulate
 
     run = folder / "flower"
-    last = run / "global" / "pretrain_last.pt"
+    last = encoder_checkpoint("federated", folder, "")
     summary = run / "summary.json"
     finetune = "federated" if cfg.compare.finetune == "federated" else "none"
     if not summary.is_file():
@@ -91,7 +107,7 @@ def federated(cfg: ExperimentConfig, cohort: Cohort, folder: Path, progress: Pro
         try:
             with (folder / "flower.log").open("ab") as stream:
                 status = simulate(config_path, [*overrides, f"seed={cfg.seed}", f"federated.finetune={finetune}"], cfg,
-                                  len(cohort.sites), run, resume=last.exists(), stream=stream)
+                                  len(cohort.sites), run, resume=last.exists(), stream=stream, cpus=cpus)
         finally:
             watcher.stop()
         if status != 0 or not summary.is_file():
@@ -104,7 +120,7 @@ def federated(cfg: ExperimentConfig, cohort: Cohort, folder: Path, progress: Pro
     curve = [{"epoch": r * cfg.federated.local_epochs, "val_loss": weighted_mean(sites)["val_loss"]}
              for r, sites in sorted(evaluations.items())]
     seconds = float(json.loads(summary.read_text()).get("seconds", 0.0))
-    return Pretrained({site.name: last for site in cohort.sites}, curve, seconds)
+    return Pretrained(curve, seconds)
 
 
 class _RoundWatcher:

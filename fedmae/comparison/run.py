@@ -9,7 +9,8 @@ Layout of the output folder::
 
 An arm whose ``result.json`` exists is finished and is not run again; an arm that was stopped
 resumes its runs from their last checkpoints. Each seed is a full replicate: its own splits,
-initial weights and training randomness.
+initial weights and training randomness. The runs of the arms (and of each site in the local arm
+and in local fine-tuning) are independent and may run at once (``compare.parallel``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -29,6 +31,7 @@ from fedmae.checkpoint import atomic_write_text
 from fedmae.comparison import arms, plots
 from fedmae.comparison.arms import ARM_TITLES
 from fedmae.comparison.report import main_table, summarise, write_report
+from fedmae.comparison.schedule import Task, resolve_parallel, run_tasks
 from fedmae.config import ExperimentConfig
 from fedmae.data.cohort import Cohort, load_cohort
 from fedmae.engine.finetune import finetune
@@ -39,19 +42,23 @@ from fedmae.federated.site import scalar_metrics
 log = logging.getLogger(__name__)
 
 class ProgressLine:
-    """One line per event on stderr: which seed, arm, round or epoch and site is running."""
+    """One line per event on stderr: which seed, arm, round or epoch and site is running.
 
-    def __init__(self, stream=sys.stderr):
-        self.stream, self.started = stream, time.monotonic()
-        self.where = ""
+    The clock counts from ``started`` (``time.monotonic()``, the same clock in every process of
+    the machine), so the lines of runs in worker processes share the comparison's clock."""
 
-    def at(self, seed: int, arm: str) -> Callable[[str], None]:
-        self.where = f"seed {seed} | {ARM_TITLES[arm]}"
-        return self
+    def __init__(self, stream=None, started: float | None = None, where: str = ""):
+        self.stream, self.started, self.where = stream, time.monotonic() if started is None else started, where
+
+    def at(self, seed: int, arm: str) -> ProgressLine:
+        """A progress line for one arm of one seed, on the same clock."""
+        return ProgressLine(self.stream, self.started, f"seed {seed} | {ARM_TITLES[arm]}")
 
     def __call__(self, message: str) -> None:
-        elapsed = time.monotonic() - self.started
-        print(f"[{elapsed // 60:3.0f}:{elapsed % 60:02.0f}] {self.where} | {message}", file=self.stream, flush=True)
+        minutes, seconds = divmod(int(time.monotonic() - self.started), 60)
+        stream = self.stream or sys.stderr
+        stream.write(f"[{minutes:3d}:{seconds:02d}] {self.where} | {message}\n")  # one write: lines from workers do not interleave
+        stream.flush()
 
 
 def run_comparison(cfg: ExperimentConfig, config_path: Path, overrides: list[str], out: Path) -> Path:
@@ -78,81 +85,141 @@ def run_comparison(cfg: ExperimentConfig, config_path: Path, overrides: list[str
 
 
 def compare(cfg: ExperimentConfig, config_path: Path, overrides: list[str], out: Path,
-            progress: ProgressLine | None = None, cohorts: dict[int, Cohort] | None = None) -> list[dict[str, Any]]:
+            progress: ProgressLine | None = None, cohorts: dict[int, Cohort] | None = None,
+            threads: int | None = None) -> list[dict[str, Any]]:
     """Run (or finish) every arm for every seed; returns one result per (seed, arm). ``cohorts``
-    receives each seed's data where it had to be loaded."""
+    receives each seed's data where it had to be loaded.
+
+    The runs are independent: ``compare.parallel`` runs them in worker processes at once
+    (:mod:`fedmae.comparison.schedule`), each with ``threads`` PyTorch threads (default: an equal
+    share of the cores); 1 runs them here, one after another."""
     cohorts = {} if cohorts is None else cohorts
     progress = progress or ProgressLine()
     out = Path(out).absolute()
     _claim(out, cfg)
-    results = []
+    finished: dict[tuple[int, str], dict[str, Any]] = {}
+    tasks: list[Task] = []
     for seed in cfg.compare.seeds:
         seed_cfg = dataclasses.replace(cfg, seed=seed)
         seed_dir = out / f"seed-{seed}"
         for arm in cfg.compare.arms:
             done = seed_dir / arm / "result.json"
-            report = progress.at(seed, arm)
             if done.is_file():
-                report("finished earlier; skipped")
-                results.append(json.loads(done.read_text()))
+                progress.at(seed, arm)("finished earlier; skipped")
+                finished[seed, arm] = json.loads(done.read_text())
                 continue
             if seed not in cohorts:
                 cohorts[seed] = load_cohort(seed_cfg, report_dir=seed_dir)
-            result = run_arm(arm, seed_cfg, cohorts[seed], seed_dir / arm, config_path, overrides, report)
-            atomic_write_text(done, json.dumps(result, indent=2, allow_nan=False))
-            report(f"done: test {result['main']} {_fmt(result['pooled'][result['main']])} (pooled over sites)")
-            results.append(result)
-    return results
+            tasks += arm_tasks(arm, seed_cfg, cohorts[seed], seed_dir / arm, config_path, overrides, progress)
+    workers, share = resolve_parallel(cfg.compare.parallel, len(tasks))
+    if workers > 1:
+        log.info("running %d independent runs in %d worker processes with %d thread(s) each", len(tasks), workers,
+                 threads or share)
+    outputs: dict[Any, Any] = {}
+
+    def on_done(task: Task, output: Any) -> None:
+        outputs[task.key] = output
+        seed, arm = task.key[:2]
+        if all(t.key in outputs for t in tasks if t.key[:2] == (seed, arm)):
+            result = arm_result(arm, dataclasses.replace(cfg, seed=seed), cohorts[seed], outputs)
+            atomic_write_text(out / f"seed-{seed}" / arm / "result.json", json.dumps(result, indent=2, allow_nan=False))
+            progress.at(seed, arm)(f"done: test {result['main']} {_fmt(result['pooled'][result['main']])} (pooled over sites)")
+            finished[seed, arm] = result
+
+    run_tasks(tasks, workers, threads or share, on_done)
+    return [finished[seed, arm] for seed in cfg.compare.seeds for arm in cfg.compare.arms]
 
 
-def run_arm(arm: str, cfg: ExperimentConfig, cohort: Cohort, folder: Path, config_path: Path, overrides: list[str],
-            progress: Callable[[str], None]) -> dict[str, Any]:
-    started = time.monotonic()
-    protocol = cfg.compare.finetune
-    if arm == "federated":
-        pre = arms.federated(cfg, cohort, folder, progress, config_path, overrides)
+def arm_tasks(arm: str, cfg: ExperimentConfig, cohort: Cohort, folder: Path, config_path: Path, overrides: list[str],
+              progress: ProgressLine) -> list[Task]:
+    """The runs of one arm of one seed: its pre-training (one per site for the local arm), then
+    the fine-tuning protocol (one run per site, or one Flower run), each after what it starts from."""
+    report = progress.at(cfg.seed, arm)
+    key = (cfg.seed, arm)
+    sites = [site.name for site in cohort.sites]
+    if arm == "local":
+        pretraining = [Task((*key, "pretrain", s), arms.local_site, (cfg, cohort, s, folder, report)) for s in sites]
+    elif arm == "federated":
+        pretraining = [Task((*key, "pretrain"), _federated_pretraining, (cfg, cohort, folder, config_path, overrides, report))]
+    elif arm == "centralised":
+        pretraining = [Task((*key, "pretrain"), arms.centralised, (cfg, cohort, folder, report))]
     else:
-        pre = getattr(arms, arm)(cfg, cohort, folder, progress)
-    pretrain_seconds = time.monotonic() - started
-    if protocol == "local":
-        per_site = _finetune_locally(cfg, cohort, pre.encoders, folder / "finetune", progress)
+        pretraining = []
+    encoders = {s: arms.encoder_checkpoint(arm, folder, s) for s in sites}
+    if cfg.compare.finetune == "local":
+        def after(site: str) -> tuple:
+            return tuple(t.key for t in pretraining if t.key[3:] in ((), (site,)))
+
+        finetuning = [Task((*key, "finetune", s), finetune_site, (cfg, cohort, s, encoders[s], folder / "finetune", report),
+                           after=after(s)) for s in sites]
     else:
-        per_site = _finetune_federated(arm, cfg, cohort, pre.encoders, folder, config_path, overrides, progress)
+        finetuning = [Task((*key, "finetune"), _finetune_federated,
+                           (arm, cfg, cohort, encoders, folder, config_path, overrides, report),
+                           after=tuple(t.key for t in pretraining))]
+    return [*pretraining, *finetuning]
+
+
+def arm_result(arm: str, cfg: ExperimentConfig, cohort: Cohort, outputs: dict[Any, Any]) -> dict[str, Any]:
+    """An arm's result.json from the outputs of its runs."""
+    key = (cfg.seed, arm)
+    if arm == "local":
+        pre = arms.local(cohort, {site.name: outputs[(*key, "pretrain", site.name)] for site in cohort.sites})
+    else:
+        pre = outputs.get((*key, "pretrain"), arms.Pretrained([]))  # none: no pre-training
+    if cfg.compare.finetune == "local":
+        per_site = {site.name: outputs[(*key, "finetune", site.name)][0] for site in cohort.sites}
+        finetune_seconds = sum(outputs[(*key, "finetune", site.name)][1] for site in cohort.sites)
+    else:
+        per_site, finetune_seconds = outputs[(*key, "finetune")]
     pooled = weighted_mean(per_site.values())
     main = next(k for k in pooled if k not in ("main", "num-examples") and "/" not in k)
     return finite_or_null({
-        "arm": arm, "seed": cfg.seed, "finetune": protocol, "main": main,
+        "arm": arm, "seed": cfg.seed, "finetune": cfg.compare.finetune, "main": main,
         "sites": per_site, "pooled": pooled,
         "pretrain_curve": pre.curve,
         "final_val_loss": pre.curve[-1]["val_loss"] if pre.curve else None,
-        "seconds": {"pretrain": round(pretrain_seconds, 1), "total": round(time.monotonic() - started, 1)},
+        # Each run's own time (their sum when several ran at once), so arms compare in work done.
+        "seconds": {"pretrain": round(pre.seconds, 1), "total": round(pre.seconds + finetune_seconds, 1)},
     })
 
 
-def _finetune_locally(cfg: ExperimentConfig, cohort: Cohort, encoders: dict[str, Path | None], folder: Path,
-                      progress: Callable[[str], None]) -> dict[str, dict[str, float]]:
-    """Each site fine-tunes its encoder on its own labels, selects on its validation cases and
-    reports its own test cases: the same as a Flower site's ``finetune-local``."""
-    per_site = {}
-    epochs = cfg.finetune.epochs
-    for site in cohort.sites:
-        def on_epoch(epoch: int, record: dict[str, Any], name: str = site.name) -> None:
-            if epoch % max(1, epochs // 5) == 0 or epoch == epochs:
-                key, value = next((k, v) for k, v in record.items() if k.startswith("val_"))
-                progress(f"{name} fine-tuning on its own labels, epoch {epoch}/{epochs}: {key} {_fmt(value)}")
+def _federated_pretraining(cfg: ExperimentConfig, cohort: Cohort, folder: Path, config_path: Path, overrides: list[str],
+                           progress: ProgressLine) -> arms.Pretrained:
+    started = time.monotonic()
+    pre = arms.federated(cfg, cohort, folder, progress, config_path, overrides, cpus=_cpus_here())
+    # The whole simulation, Flower's start-up included, as a user waits for it (a rerun that
+    # finds the run finished reports the run's own time).
+    return dataclasses.replace(pre, seconds=max(pre.seconds, time.monotonic() - started))
 
-        result = finetune(cfg, folder / site.name, encoder=encoders[site.name], resume=True,
-                          cohort=arms.single_site(cohort, site.name), on_epoch_end=on_epoch)
-        per_site[site.name] = {**scalar_metrics(result.metrics["pooled"]), "num-examples": float(len(site.test))}
-    return per_site
+
+def finetune_site(cfg: ExperimentConfig, cohort: Cohort, site: str, encoder: Path | None, folder: Path,
+                  progress: Callable[[str], None]) -> tuple[dict[str, float], float]:
+    """One site fine-tunes its arm's encoder on its own labels, selects on its validation cases and
+    reports its own test cases (the same as a Flower site's ``finetune-local``): (its test metrics,
+    seconds)."""
+    epochs = cfg.finetune.epochs
+
+    def on_epoch(epoch: int, record: dict[str, Any]) -> None:
+        if epoch % max(1, epochs // 5) == 0 or epoch == epochs:
+            key, value = next(((k, v) for k, v in record.items() if k.startswith("val_")), (None, None))
+            if key is not None:
+                progress(f"{site} fine-tuning on its own labels, epoch {epoch}/{epochs}: {key} {_fmt(value)}")
+
+    result = finetune(cfg, folder / site, encoder=encoder, resume=True, cohort=arms.single_site(cohort, site),
+                      on_epoch_end=on_epoch)
+    own = arms.single_site(cohort, site).sites[0]
+    return {**scalar_metrics(result.metrics["pooled"]), "num-examples": float(len(own.test))}, result.seconds
 
 
 def _finetune_federated(arm: str, cfg: ExperimentConfig, cohort: Cohort, encoders: dict[str, Path | None], folder: Path,
-                        config_path: Path, overrides: list[str], progress: Callable[[str], None]) -> dict[str, dict[str, float]]:
+                        config_path: Path, overrides: list[str], progress: Callable[[str], None]
+                        ) -> tuple[dict[str, dict[str, float]], float]:
     """FedAvg of the whole fine-tune model on Flower's simulation engine, starting from the arm's
-    encoder (the federated arm fine-tunes in the same Flower run that pre-trained it)."""
+    encoder (the federated arm fine-tunes in the same Flower run that pre-trained it): (per-site
+    test metrics, seconds)."""
     from fedmae.federated.simulate import simulate
 
+    started = time.monotonic()
     if arm == "federated":
         summary = folder / "flower" / "summary.json"
     else:
@@ -165,11 +232,19 @@ def _finetune_federated(arm: str, cfg: ExperimentConfig, cohort: Cohort, encoder
             with (folder / "flower.log").open("ab") as stream:
                 status = simulate(config_path, [*overrides, f"seed={cfg.seed}", "federated.finetune=federated",
                                                 f"federated.start_from={start or 'random'}"],
-                                  cfg, len(cohort.sites), run, resume=(run / "global").exists(), stream=stream)
+                                  cfg, len(cohort.sites), run, resume=(run / "global").exists(), stream=stream,
+                                  cpus=_cpus_here())
             if status != 0 or not summary.is_file():
                 raise RuntimeError(f"federated fine-tuning of the {arm} arm failed (exit status {status}); see {folder / 'flower.log'}")
     test = json.loads(summary.read_text())["finetune"]["test"]["sites"]
-    return {site: {k: (float("nan") if v is None else float(v)) for k, v in metrics.items()} for site, metrics in test.items()}
+    per_site = {site: {k: (float("nan") if v is None else float(v)) for k, v in metrics.items()} for site, metrics in test.items()}
+    return per_site, time.monotonic() - started
+
+
+def _cpus_here() -> int | None:
+    """The cores this process may use: a worker's share (OMP_NUM_THREADS), else all of them."""
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    return int(threads) if threads.isdigit() and int(threads) > 0 else None
 
 
 def _claim(out: Path, cfg: ExperimentConfig) -> None:

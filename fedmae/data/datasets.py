@@ -2,9 +2,8 @@
 
 Pre-training sees images only: :func:`pretraining_dataset` is handed image arrays, never cases, so
 no label can reach self-supervised training. Fine-tuning datasets pair each image with its target
-for the configured task. Loaders are rebuilt every epoch from a seed derived from (seed, epoch), so
-shuffling and augmentation are reproducible and a resumed run sees exactly the batches it would
-have seen without the interruption.
+for the configured task. Order and augmentation come from (seed, epoch) through
+:mod:`fedmae.data.loader`.
 """
 
 from __future__ import annotations
@@ -14,11 +13,10 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from monai.data import DataLoader, Dataset
 from monai.transforms import Lambdad
 
 from fedmae.data.catalog import Case
+from fedmae.data.loader import SeededDataset
 from fedmae.data.preprocess import Preprocessing, augment_steps, cached_dataset, load_steps
 from fedmae.data.tasks import TaskSpec, label_to_channels, target_of
 
@@ -28,7 +26,7 @@ if TYPE_CHECKING:
 ImageSource = np.ndarray | str | tuple[str, ...]  # an in-memory (C, *S) array or the file(s) to load
 
 
-def pretraining_dataset(images: Sequence[ImageSource], cfg: ExperimentConfig, prep: Preprocessing, train: bool = True) -> Dataset:
+def pretraining_dataset(images: Sequence[ImageSource], cfg: ExperimentConfig, prep: Preprocessing, train: bool = True) -> SeededDataset:
     """Images only (no labels can enter): random crops and flips of the model's input size."""
     steps = load_steps(["image"], prep) + augment_steps(["image"], cfg, "train" if train else "centre", finetuning=False)
     return cached_dataset([{"image": image} for image in images], steps, cfg, prep)
@@ -36,7 +34,7 @@ def pretraining_dataset(images: Sequence[ImageSource], cfg: ExperimentConfig, pr
 
 def finetuning_dataset(
     cases: Sequence[Case], task: TaskSpec, cfg: ExperimentConfig, prep: Preprocessing, train: bool = True
-) -> Dataset:
+) -> SeededDataset:
     """(image, target) pairs. Segmentation targets are cropped and flipped with their image.
 
     Segmentation is evaluated on whole images (sliding window), so ``train=False`` leaves them
@@ -50,25 +48,6 @@ def finetuning_dataset(
     else:
         steps = load_steps(["image"], prep) + augment_steps(["image"], cfg, "train" if train else "centre", finetuning=True)
     return cached_dataset(items, steps, cfg, prep)
-
-
-def epoch_seed(seed: int, epoch: int, stream: int = 0) -> int:
-    """A distinct, reproducible seed per (run seed, epoch, stream)."""
-    return int(np.random.SeedSequence([seed, epoch, stream]).generate_state(1)[0])
-
-
-def make_loader(dataset: Dataset, batch_size: int, seed: int, shuffle: bool, num_workers: int = 0) -> DataLoader:
-    """A loader whose order and augmentations are fixed by ``seed`` (MONAI seeds the transforms)."""
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        num_workers=num_workers,
-        generator=generator,
-        pin_memory=torch.cuda.is_available(),
-        persistent_workers=False,
-    )
 
 
 def label_subset(cases: Sequence[Case], fraction: float, seed: int, site: str) -> list[Case]:

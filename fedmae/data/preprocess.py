@@ -4,7 +4,8 @@ Two stages. The deterministic stage turns a file (or an in-memory array) into a 
 on the working voxel grid: load, orient to RAS, resample, window or standardise the intensities,
 crop to the foreground, pad to at least the model's input. Its output is what gets cached
 (:func:`cached_dataset`), so a 3-D volume is decoded and resampled once, not every epoch. The
-random stage then draws the training crop and augmentations from the cached tensor.
+random stage then draws the training crop and augmentations from the cached tensor, seeded per
+sample (:mod:`fedmae.data.loader`).
 
 | modality | resample (default) | intensity | foreground crop |
 |---|---|---|---|
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,6 +38,7 @@ from monai.transforms import (
     NormalizeIntensityd,
     Orientationd,
     RandFlipd,
+    Randomizable,
     RandRotate90d,
     RandScaleIntensityd,
     RandShiftIntensityd,
@@ -45,6 +48,8 @@ from monai.transforms import (
     Spacingd,
     SpatialPadd,
 )
+
+from fedmae.data.loader import SeededDataset, seeded_dataset
 
 if TYPE_CHECKING:
     from fedmae.config import ExperimentConfig
@@ -162,21 +167,34 @@ def augment_steps(keys: Sequence[str], cfg: ExperimentConfig, mode: str, finetun
     return [*steps, plain]
 
 
-def cached_dataset(items: list[dict[str, Any]], steps: list, cfg: ExperimentConfig, prep: Preprocessing) -> Dataset:
-    """A dataset over ``items`` whose deterministic steps run once per item when caching is on.
+def cached_dataset(items: list[dict[str, Any]], steps: list, cfg: ExperimentConfig, prep: Preprocessing) -> SeededDataset:
+    """A dataset over ``items`` whose deterministic steps run once per item, and whose random
+    steps run per sample, seeded (:mod:`fedmae.data.loader`).
 
-    MONAI's caches stop at the first random transform, so the loaded, resampled, normalised
-    tensor is kept (in memory, or on disk under ``data.cache_dir``, shared by runs and sites) and
-    only crops and augmentations run per epoch. In-memory sources need no cache.
+    As in MONAI's caches, the deterministic stage is every step before the first random one: the
+    loaded, resampled, normalised tensor is kept (in memory, or on disk under ``data.cache_dir``,
+    shared by runs and sites) and only crops and augmentations run per epoch. In-memory sources
+    are always cached in memory: their deterministic steps are cheap, but not free every epoch.
     """
-    transform = Compose(steps)
-    if not prep.from_files or cfg.data.cache == "none":
-        return Dataset(items, transform=transform)
-    if cfg.data.cache == "disk":
+    first_random = next((i for i, step in enumerate(steps) if isinstance(step, Randomizable)), len(steps))
+    fixed, augment = Compose(steps[:first_random]), steps[first_random:]
+    if not prep.from_files:
+        store: Any = [fixed(dict(item)) for item in items]
+    elif cfg.data.cache == "none":
+        store = Dataset(items, transform=fixed)
+    elif cfg.data.cache == "disk":
         folder = Path(cfg.data.cache_dir) / prep.key()
         folder.mkdir(parents=True, exist_ok=True)
-        return PersistentDataset(items, transform=transform, cache_dir=folder)
-    return CacheDataset(items, transform=transform, num_workers=max(1, cfg.data.num_workers), progress=False)
+        store = PersistentDataset(items, transform=fixed, cache_dir=folder)
+    else:
+        cache = CacheDataset(items, transform=fixed, num_workers=_cache_workers(cfg), progress=False)
+        store = [cache[i] for i in range(len(cache))]
+    return seeded_dataset(store, augment, cfg.model.img_size)
+
+
+def _cache_workers(cfg: ExperimentConfig) -> int:
+    workers = cfg.data.num_workers
+    return max(1, os.cpu_count() or 1) if workers == "auto" else max(1, workers)
 
 
 def to_grey(image: torch.Tensor) -> torch.Tensor:

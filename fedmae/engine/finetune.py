@@ -1,8 +1,9 @@
 """Fine-tuning a (pre-trained or random) encoder for classification or segmentation.
 
-The model is selected on the validation cases (best main metric) and reported on the test cases,
-pooled and per site. Like pre-training, every epoch is seeded from (seed, epoch) and the run
-resumes from its last checkpoint.
+The model is selected on the validation cases (best main metric, every ``finetune.eval_every``
+epochs) and reported on the test cases, pooled and per site. Like pre-training, every epoch is
+seeded from (seed, epoch) and the run resumes from its last checkpoint. A federated site trains
+its rounds with the same :func:`finetune_epoch`.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ from fedmae.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from fedmae.config import ExperimentConfig
 from fedmae.data.catalog import Case
 from fedmae.data.cohort import Cohort, load_cohort
-from fedmae.data.datasets import epoch_seed, finetuning_dataset, label_subset, make_loader
+from fedmae.data.datasets import finetuning_dataset, label_subset
+from fedmae.data.loader import EpochLoader, SeededDataset, epoch_seed
 from fedmae.data.tasks import TaskSpec
-from fedmae.engine.loop import MetricsLog, Schedule, resolve_device, seed_everything, train_one_epoch
+from fedmae.engine.device import compiled, resolve_device, to_device
+from fedmae.engine.loop import MetricsLog, Schedule, due, seed_everything, train_one_epoch
 from fedmae.engine.optim import build_optimizer
 from fedmae.engine.pretrain import EpochCallback
 from fedmae.engine.runs import RunResult, Stopwatch, prepare_run_dir, restore_or_start
@@ -55,6 +58,35 @@ def load_pretrained_encoder(model: nn.Module, checkpoint: str | Path) -> dict[st
     return payload
 
 
+def finetune_schedule(cfg: ExperimentConfig, num_cases: int) -> Schedule:
+    f = cfg.finetune
+    steps_per_epoch = max(1, math.ceil(num_cases / f.batch_size))
+    return Schedule(cfg.finetune_lr, f.min_lr, f.warmup_epochs * steps_per_epoch, f.epochs * steps_per_epoch)
+
+
+def finetune_epoch(
+    model: nn.Module,
+    loader: EpochLoader,
+    optimizer: torch.optim.Optimizer,
+    schedule: Schedule,
+    criterion: nn.Module,
+    cfg: ExperimentConfig,
+    epoch: int,
+    step: int,
+    device: torch.device,
+    desc: str = "finetune",
+) -> tuple[float, int]:
+    """One reproducible epoch of supervised training (0-based ``epoch``); returns (mean loss, next step)."""
+
+    def loss_of_batch(net: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        batch = to_device(batch, device)
+        return criterion(net(batch["image"]).float(), batch["label"])
+
+    seed_everything(epoch_seed(cfg.seed, epoch, stream=3))
+    batches = loader.epoch(epoch_seed(cfg.seed, epoch, stream=2))
+    return train_one_epoch(model, batches, optimizer, loss_of_batch, schedule, step, device, cfg.finetune.clip_grad, desc)
+
+
 def finetune(
     cfg: ExperimentConfig,
     output_dir: str | Path,
@@ -83,8 +115,10 @@ def finetune(
     ]
     if not labelled:
         raise ValueError(f"{cohort.catalog.root}: no labelled training cases to fine-tune on")
-    train_set = finetuning_dataset(labelled, task, cfg, cohort.prep, train=True)
-    val_set = finetuning_dataset(cohort.cases("val"), task, cfg, cohort.prep, train=False)
+    train_loader = EpochLoader(finetuning_dataset(labelled, task, cfg, cohort.prep, train=True), f.batch_size, True,
+                               cfg.data.num_workers, device)
+    val_loader = evaluation_loader(finetuning_dataset(cohort.cases("val"), task, cfg, cohort.prep, train=False), task,
+                                   cfg, device)
     seed_everything(cfg.seed)  # same head/decoder initialisation for every arm of a comparison
     model = build_finetune_model(cfg, task.num_outputs)
     init = "random"
@@ -93,8 +127,7 @@ def finetune(
         init = str(encoder)
     model.to(device)
     optimizer = build_optimizer(model, cfg.finetune_lr, f.weight_decay, f.betas, f.layer_decay)
-    steps_per_epoch = math.ceil(len(train_set) / f.batch_size)
-    schedule = Schedule(cfg.finetune_lr, f.min_lr, f.warmup_epochs * steps_per_epoch, f.epochs * steps_per_epoch)
+    schedule = finetune_schedule(cfg, len(labelled))
     criterion = task_loss(task)
     extra = {"task": {"type": task.type, "multi_label": task.multi_label, "class_names": list(task.class_names)}, "init": init}
 
@@ -102,45 +135,46 @@ def finetune(
     resumed = restore_or_start(last, "finetune", cfg, model, optimizer, metrics_log, resume, init=init)
     start_epoch, step = (resumed["epoch"], resumed["step"]) if resumed else (0, 0)
     best_score = resumed["extra"].get("best_score", -math.inf) if resumed else -math.inf
+    val: dict[str, Any] = resumed["metrics"].get("val", {}) if resumed else {}
     log.info(
         "fine-tuning (%s, init %s) on %d labelled cases, lr %.3g, %d epochs",
-        task.type, init, len(train_set), cfg.finetune_lr, f.epochs,
+        task.type, init, len(labelled), cfg.finetune_lr, f.epochs,
     )
-
-    def loss_of_batch(net: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return criterion(net(batch["image"].to(device)).float(), batch["label"].to(device))
+    net = compiled(model, cfg.compile)
+    unsaved_best: dict[str, Any] | None = None  # the best epoch since the last checkpoint, kept in memory
 
     for epoch in range(start_epoch, f.epochs):
         epoch_watch = Stopwatch()
-        seed_everything(epoch_seed(cfg.seed, epoch, stream=3))
-        loader = make_loader(train_set, f.batch_size, epoch_seed(cfg.seed, epoch, stream=2), True, cfg.data.num_workers)
-        train_loss, step = train_one_epoch(
-            model, loader, optimizer, loss_of_batch, schedule, step, device, f.clip_grad, f"finetune {epoch + 1}/{f.epochs}"
-        )
-        val = evaluate_dataset(model, val_set, task, cfg, device)
-        score = val[val["main"]] if val[val["main"]] is not None else -math.inf
-        record = {
-            "epoch": epoch + 1,
-            "step": step,
-            "lr": optimizer.param_groups[-1]["lr"],
-            "train_loss": train_loss,
-            f"val_{val['main']}": val[val["main"]],
-            "seconds": round(epoch_watch.seconds, 3),
-        }
+        train_loss, step = finetune_epoch(net, train_loader, optimizer, schedule, criterion, cfg, epoch, step, device,
+                                          f"finetune {epoch + 1}/{f.epochs}")
+        record: dict[str, Any] = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[-1]["lr"],
+                                  "train_loss": train_loss}
+        evaluated = due(epoch + 1, f.eval_every, f.epochs)
+        if evaluated:
+            val = evaluate_loader(net, val_loader, task, cfg, device)
+            score = val[val["main"]] if val[val["main"]] is not None else -math.inf
+            record[f"val_{val['main']}"] = val[val["main"]]
+            # Ties go to the later epoch: a validation metric that saturates on a small set (AUC 1.0)
+            # must not freeze the choice at the first, least-trained epoch that reached it.
+            if score >= best_score or not (best.exists() or unsaved_best is not None):
+                best_score = max(score, best_score)
+                unsaved_best = {"epoch": epoch + 1, "step": step, "val": val,
+                                "model": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+        record["seconds"] = round(epoch_watch.seconds, 3)
         metrics_log.write(record)
-        # Ties go to the later epoch: a validation metric that saturates on a small set (AUC 1.0)
-        # must not freeze the choice at the first, least-trained epoch that reached it.
-        if score >= best_score or not best.exists():
-            best_score = max(score, best_score)
+        if due(epoch + 1, f.checkpoint_every, f.epochs):
+            if unsaved_best is not None:
+                save_checkpoint(best, kind="finetune", model_state=unsaved_best["model"], config=cfg.to_dict(),
+                                epoch=unsaved_best["epoch"], step=unsaved_best["step"],
+                                metrics={"val": unsaved_best["val"]}, extra=extra)
+                unsaved_best = None
             save_checkpoint(
-                best, kind="finetune", model_state=model.state_dict(), config=cfg.to_dict(), epoch=epoch + 1,
-                step=step, metrics={"val": val}, extra=extra,
+                last, kind="finetune", model_state=model.state_dict(), config=cfg.to_dict(), epoch=epoch + 1,
+                step=step, optimizer_state=optimizer.state_dict(), metrics={"val": val},
+                extra={**extra, "best_score": best_score},
             )
-        save_checkpoint(
-            last, kind="finetune", model_state=model.state_dict(), config=cfg.to_dict(), epoch=epoch + 1, step=step,
-            optimizer_state=optimizer.state_dict(), metrics={"val": val}, extra={**extra, "best_score": best_score},
-        )
-        log.info("finetune epoch %d: train loss %.4f, val %s %s", epoch + 1, train_loss, val["main"], val[val["main"]])
+        log.info("finetune epoch %d: train loss %.4f%s", epoch + 1, train_loss,
+                 f", val {val['main']} {val[val['main']]}" if evaluated else "")
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, record)
 
@@ -166,8 +200,17 @@ def evaluate_sites(model: nn.Module, cohort: Cohort, cfg: ExperimentConfig, devi
     return {"split": split, "pooled": pooled, "sites": per_site}
 
 
-def evaluate_dataset(model: nn.Module, dataset, task: TaskSpec, cfg: ExperimentConfig, device: torch.device) -> dict[str, Any]:
+def evaluation_loader(dataset: SeededDataset, task: TaskSpec, cfg: ExperimentConfig, device: torch.device) -> EpochLoader:
     # Whole images for segmentation (sliding window); batch 1 lets images differ in size.
     batch = 1 if task.type == "segmentation" else cfg.finetune.batch_size
-    loader = make_loader(dataset, batch, cfg.seed, False, cfg.data.num_workers)
-    return evaluate(model, loader, task, device, cfg.model.img_size, cfg.finetune.sw_overlap, cfg.task.hd95)
+    return EpochLoader(dataset, batch, False, cfg.data.num_workers, device)
+
+
+def evaluate_loader(model: nn.Module, loader: EpochLoader, task: TaskSpec, cfg: ExperimentConfig,
+                    device: torch.device) -> dict[str, Any]:
+    return evaluate(model, loader.epoch(cfg.seed), task, device, cfg.model.img_size, cfg.finetune.sw_overlap, cfg.task.hd95)
+
+
+def evaluate_dataset(model: nn.Module, dataset: SeededDataset, task: TaskSpec, cfg: ExperimentConfig,
+                     device: torch.device) -> dict[str, Any]:
+    return evaluate_loader(model, evaluation_loader(dataset, task, cfg, device), task, cfg, device)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import random
@@ -16,27 +15,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from fedmae.engine.device import autocast
 from fedmae.engine.optim import lr_at, set_lr
 
 
 class NonFiniteLossError(RuntimeError):
     """Training diverged: the loss became NaN or infinite."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device: {name!r} was asked for but CUDA is not available here; use auto or cpu")
-    return torch.device(name)
-
-
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA (no loss scaling needed); plain fp32 on CPU, where it is exact and
-    deterministic."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def seed_everything(seed: int) -> None:
@@ -61,7 +45,7 @@ class Schedule:
 
 def train_one_epoch(
     model: nn.Module,
-    loader: Iterable[Mapping[str, torch.Tensor]],
+    batches: Iterable[Mapping[str, torch.Tensor]],
     optimizer: torch.optim.Optimizer,
     loss_of_batch: Callable[[nn.Module, Mapping[str, torch.Tensor]], torch.Tensor],
     schedule: Schedule,
@@ -70,27 +54,48 @@ def train_one_epoch(
     clip_grad: float | None,
     desc: str = "train",
 ) -> tuple[float, int]:
-    """One pass over ``loader``; returns (mean loss weighted by batch size, next global step)."""
+    """One pass over ``batches``; returns (mean loss weighted by batch size, next global step).
+
+    The loss is summed on the device, so a GPU step does not wait for the host: the sum is read
+    (and checked to be finite) every ``check_every`` steps and at the end. On the CPU reading it
+    costs nothing, so every step is checked and a divergence names its exact step.
+    """
     model.train()
-    total, count = 0.0, 0
-    progress = tqdm(loader, desc=desc, leave=False, disable=None, dynamic_ncols=True)
+    check_every = 1 if device.type == "cpu" else 50
+    total = torch.zeros((), dtype=torch.float64, device=device)  # float64: the sum Python floats gave
+    count, checked = 0, step
+    progress = tqdm(batches, desc=desc, leave=False, disable=None, dynamic_ncols=True)
     for batch in progress:
         set_lr(optimizer, schedule(step))
         with autocast(device):
             loss = loss_of_batch(model, batch)
-        if not math.isfinite(loss.item()):
-            raise NonFiniteLossError(f"{desc}: loss became {loss.item()} at step {step}; lower the learning rate")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if clip_grad is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
         optimizer.step()
         size = len(next(iter(batch.values())))
-        total += loss.item() * size
+        total += loss.detach().double() * size
         count += size
         step += 1
-        progress.set_postfix(loss=f"{loss.item():.4f}")
-    return total / max(count, 1), step
+        if step - checked >= check_every:
+            _check_finite(total, desc, checked, step)
+            checked = step
+            progress.set_postfix(loss=f"{float(total) / count:.4f}")
+    _check_finite(total, desc, checked, step)
+    return float(total) / max(count, 1), step
+
+
+def _check_finite(total: torch.Tensor, desc: str, first: int, end: int) -> None:
+    """One host sync: the summed loss is finite unless a step from ``first`` to ``end - 1`` diverged."""
+    if end > first and not math.isfinite(float(total)):
+        where = f"step {first}" if end == first + 1 else f"one of steps {first}..{end - 1}"
+        raise NonFiniteLossError(f"{desc}: loss became {float(total)} at {where}; lower the learning rate")
+
+
+def due(epoch: int, every: int, last: int) -> bool:
+    """Whether 1-based ``epoch`` is one of every ``every``-th, or the ``last``."""
+    return epoch % every == 0 or epoch == last
 
 
 class MetricsLog:

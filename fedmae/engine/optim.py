@@ -1,4 +1,4 @@
-"""AdamW parameter groups (weight decay, layer-wise lr decay) and the warm-up + cosine schedule."""
+"""AdamW: parameter groups (weight decay, layer-wise lr decay), the fused optimiser, the warm-up + cosine schedule."""
 
 from __future__ import annotations
 
@@ -48,7 +48,15 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0
 def build_optimizer(
     model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], layer_decay: float = 1.0
 ) -> torch.optim.AdamW:
-    optimizer = torch.optim.AdamW(param_groups(model, weight_decay, layer_decay), lr=lr, betas=betas)
+    """AdamW over :func:`param_groups`; fused (one kernel over all tensors per step) on CPU and CUDA.
+
+    The fused kernel reads each tensor once instead of once per arithmetic step: ~3x faster for a
+    ViT-S on the CPU (benchmarks/bench_mae_step.py), and it does not sync a GPU step. Its updates
+    differ from the per-tensor loop's by rounding only (about one ulp).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    optimizer = torch.optim.AdamW(param_groups(model, weight_decay, layer_decay), lr=lr, betas=betas, fused=fused)
     set_lr(optimizer, lr)
     return optimizer
 

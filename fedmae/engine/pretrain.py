@@ -1,8 +1,9 @@
-"""Centralised MAE self pre-training: images only, one checkpoint per epoch, resumable.
+"""Centralised MAE self pre-training: images only, resumable.
 
 Each epoch seeds its own randomness (shuffling, crops, flips, masking) from (seed, epoch), so an
-interrupted run resumed from its last checkpoint ends with exactly the weights of an uninterrupted
-one. Federated sites run the same :func:`pretrain_epoch` on their own images.
+interrupted run resumed from its last checkpoint (written every ``pretrain.checkpoint_every``
+epochs) ends with exactly the weights of an uninterrupted one. Federated sites run the same
+:func:`pretrain_epoch` on their own images.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
 
 from fedmae.checkpoint import load_checkpoint, save_checkpoint
 from fedmae.config import ExperimentConfig
 from fedmae.data.cohort import Cohort, SiteData, load_cohort
-from fedmae.data.datasets import ImageSource, epoch_seed, make_loader, pretraining_dataset
-from fedmae.engine.loop import MetricsLog, Schedule, autocast, resolve_device, seed_everything, train_one_epoch
+from fedmae.data.datasets import ImageSource, pretraining_dataset
+from fedmae.data.loader import EpochLoader, epoch_seed
+from fedmae.engine.device import autocast, compiled, resolve_device, to_device
+from fedmae.engine.loop import MetricsLog, Schedule, due, seed_everything, train_one_epoch
 from fedmae.engine.optim import build_optimizer
 from fedmae.engine.runs import RunResult, Stopwatch, prepare_run_dir, restore_or_start
 from fedmae.models.factory import build_mae
@@ -34,7 +36,7 @@ EpochCallback = Callable[[int, dict[str, Any]], None]
 
 def mae_loss(model: MaskedAutoencoder, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     device = next(model.parameters()).device
-    loss, _, _ = model(batch["image"].to(device, non_blocking=True))
+    loss, _, _ = model(to_device(batch, device)["image"])
     return loss
 
 
@@ -44,9 +46,18 @@ def pretrain_schedule(cfg: ExperimentConfig, num_images: int) -> Schedule:
     return Schedule(cfg.pretrain_lr, p.min_lr, p.warmup_epochs * steps_per_epoch, p.epochs * steps_per_epoch)
 
 
+def pretraining_loaders(images: dict[str, Sequence[ImageSource]], cfg: ExperimentConfig, prep, device: torch.device
+                        ) -> tuple[EpochLoader, EpochLoader]:
+    """(training, validation) loaders over the images of the ``train`` and ``val`` splits."""
+    p, workers = cfg.pretrain, cfg.data.num_workers
+    train = EpochLoader(pretraining_dataset(images["train"], cfg, prep, train=True), p.batch_size, True, workers, device)
+    val = EpochLoader(pretraining_dataset(images["val"], cfg, prep, train=False), p.batch_size, False, workers, device)
+    return train, val
+
+
 def pretrain_epoch(
     model: MaskedAutoencoder,
-    dataset: Dataset,
+    loader: EpochLoader,
     optimizer: torch.optim.Optimizer,
     schedule: Schedule,
     cfg: ExperimentConfig,
@@ -61,25 +72,25 @@ def pretrain_epoch(
     ``loss_fn``: the batch loss; federated sites add a proximal term to :func:`mae_loss` (FedProx).
     """
     seed_everything(epoch_seed(cfg.seed, epoch, stream=1))
-    loader = make_loader(dataset, cfg.pretrain.batch_size, epoch_seed(cfg.seed, epoch), True, cfg.data.num_workers)
-    return train_one_epoch(model, loader, optimizer, loss_fn, schedule, step, device, cfg.pretrain.clip_grad, desc)
+    batches = loader.epoch(epoch_seed(cfg.seed, epoch))
+    return train_one_epoch(model, batches, optimizer, loss_fn, schedule, step, device, cfg.pretrain.clip_grad, desc)
 
 
 @torch.no_grad()
-def reconstruction_loss(model: MaskedAutoencoder, dataset: Dataset, cfg: ExperimentConfig, device: torch.device) -> float:
+def reconstruction_loss(model: MaskedAutoencoder, loader: EpochLoader, cfg: ExperimentConfig, device: torch.device) -> float:
     """Masked-patch MSE on held-out images with fixed masks, so epochs are comparable."""
     model.eval()
-    loader = make_loader(dataset, cfg.pretrain.batch_size, cfg.seed, False, cfg.data.num_workers)
-    total, count = 0.0, 0
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):  # leave the training RNG stream untouched
         torch.manual_seed(cfg.seed)
-        for batch in loader:
+        for batch in loader.epoch(cfg.seed):
             with autocast(device):
                 loss = mae_loss(model, batch)
-            total += loss.item() * len(batch["image"])
+            total += loss.double() * len(batch["image"])
             count += len(batch["image"])
-    return total / max(count, 1)
+    return float(total) / max(count, 1)
 
 
 def site_images(sites: Sequence[SiteData], split: str) -> list[ImageSource]:
@@ -107,42 +118,41 @@ def pretrain(
     prepare_run_dir(output_dir, cfg, last, resume)
     device = resolve_device(cfg.device)
     cohort = load_cohort(cfg, report_dir=output_dir) if cohort is None else cohort
-    train_set = pretraining_dataset(site_images(cohort.sites, "train"), cfg, cohort.prep, train=True)
-    val_set = pretraining_dataset(site_images(cohort.sites, "val"), cfg, cohort.prep, train=False)
+    images = {split: site_images(cohort.sites, split) for split in ("train", "val")}
+    train_loader, val_loader = pretraining_loaders(images, cfg, cohort.prep, device)
 
     seed_everything(cfg.seed)  # the initial weights are part of the run's reproducibility
     model = build_mae(cfg).to(device)
     p = cfg.pretrain
     optimizer = build_optimizer(model, cfg.pretrain_lr, p.weight_decay, p.betas)
-    schedule = pretrain_schedule(cfg, len(train_set))
+    schedule = pretrain_schedule(cfg, len(images["train"]))
     metrics_log = MetricsLog(output_dir / "metrics.jsonl")
     resumed = restore_or_start(last, "mae", cfg, model, optimizer, metrics_log, resume)
     start_epoch, step = (resumed["epoch"], resumed["step"]) if resumed else (0, 0)
     log.info(
         "pre-training %s on %d images (%d validation), lr %.3g (base %.3g x batch %d / 256), %d epochs",
-        cfg.model.name, len(train_set), len(val_set), cfg.pretrain_lr, p.base_lr, p.batch_size, p.epochs,
+        cfg.model.name, len(images["train"]), len(images["val"]), cfg.pretrain_lr, p.base_lr, p.batch_size, p.epochs,
     )
+    net = compiled(model, cfg.compile)
 
     record: dict[str, Any] = {}
     for epoch in range(start_epoch, p.epochs):
         epoch_watch = Stopwatch()
         train_loss, step = pretrain_epoch(
-            model, train_set, optimizer, schedule, cfg, epoch, step, device, desc=f"pretrain {epoch + 1}/{p.epochs}"
+            net, train_loader, optimizer, schedule, cfg, epoch, step, device, desc=f"pretrain {epoch + 1}/{p.epochs}"
         )
-        record = {
-            "epoch": epoch + 1,
-            "step": step,
-            "lr": optimizer.param_groups[0]["lr"],
-            "train_loss": train_loss,
-            "val_loss": reconstruction_loss(model, val_set, cfg, device),
-            "seconds": round(epoch_watch.seconds, 3),
-        }
+        record = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"], "train_loss": train_loss}
+        if due(epoch + 1, p.eval_every, p.epochs):
+            record["val_loss"] = reconstruction_loss(net, val_loader, cfg, device)
+        record["seconds"] = round(epoch_watch.seconds, 3)
         metrics_log.write(record)
-        save_checkpoint(
-            last, kind="mae", model_state=model.state_dict(), config=cfg.to_dict(), epoch=epoch + 1, step=step,
-            optimizer_state=optimizer.state_dict(), metrics=record,
-        )
-        log.info("pretrain epoch %d: train loss %.4f, val loss %.4f", epoch + 1, train_loss, record["val_loss"])
+        if due(epoch + 1, p.checkpoint_every, p.epochs):
+            save_checkpoint(
+                last, kind="mae", model_state=model.state_dict(), config=cfg.to_dict(), epoch=epoch + 1, step=step,
+                optimizer_state=optimizer.state_dict(), metrics=record,
+            )
+        log.info("pretrain epoch %d: train loss %.4f%s", epoch + 1, train_loss,
+                 f", val loss {record['val_loss']:.4f}" if "val_loss" in record else "")
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, record)
     if not record:  # resumed a finished run: report what it ended with

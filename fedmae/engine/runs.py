@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 
 # Settings that may change between an interrupted run and its resumption without changing the result.
 # (A comparison's arms, seeds and figure decide which runs exist, not what one computes.)
-_RESUME_FREE_KEYS = {"output_dir", "device", "data.num_workers", "compare.arms", "compare.seeds", "compare.reconstructions"}
+_RESUME_FREE_KEYS = {"output_dir", "device", "data.num_workers", "pretrain.checkpoint_every", "finetune.checkpoint_every",
+                     "compare.arms", "compare.seeds", "compare.reconstructions", "compare.parallel"}
 
 
 @dataclass

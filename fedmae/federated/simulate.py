@@ -32,30 +32,34 @@ log = logging.getLogger(__name__)
 STARTUP_TIMEOUT = 60.0
 
 
-def client_resources(num_sites: int) -> dict[str, float]:
-    """CPUs and GPU share per virtual site: all sites at once if the machine has the cores,
-    else as many as fit; GPUs are shared evenly (a site's share is at most one GPU)."""
-    cpus = os.cpu_count() or 1
+def client_resources(num_sites: int, cpus: int | None = None) -> dict[str, float]:
+    """CPUs and GPU share per virtual site: all sites at once if the ``cpus`` (default: the
+    machine's) allow, else as many as fit; GPUs are shared evenly (a site's share is at most one GPU)."""
+    cpus = cpus or os.cpu_count() or 1
     concurrent = max(1, min(num_sites, cpus))
     gpus = torch.cuda.device_count()
     return {"num-cpus": max(1, cpus // concurrent), "num-gpus": round(min(1.0, gpus / num_sites), 3) if gpus else 0.0}
 
 
 def simulate(config_path: Path, overrides: list[str], cfg: ExperimentConfig, num_sites: int, output_dir: Path,
-             resume: bool = False, stream=None) -> int:
-    """Run the app on ``num_sites`` virtual sites; returns the exit status of ``flwr run``."""
+             resume: bool = False, stream=None, cpus: int | None = None) -> int:
+    """Run the app on ``num_sites`` virtual sites; returns the exit status of ``flwr run``.
+    ``cpus``: the cores the simulation may use (default: all of the machine's)."""
     check_site_count(cfg, num_sites)  # before Flower starts, not as a traceback inside it
     if not (APP_DIR / "pyproject.toml").is_file():
         raise FileNotFoundError(f"{APP_DIR}: the fedmae app (pyproject.toml) is not here; run from a source checkout")
     home = Path(tempfile.mkdtemp(prefix="fedmae-flwr-"))
     http_port, control_port = free_port(), free_port()
-    resources = client_resources(num_sites)
+    resources = client_resources(num_sites, cpus)
     (home / "config.toml").write_text(
         '[superlink]\ndefault = "fedmae-simulation"\n\n[superlink.fedmae-simulation]\n'
         f'address = "127.0.0.1:{http_port}"\ninsecure = true\n'
         f"options.num-supernodes = {num_sites}\n"
         f"options.backend.client-resources.num-cpus = {resources['num-cpus']}\n"
         f"options.backend.client-resources.num-gpus = {resources['num-gpus']}\n"
+        # Ray schedules actors within this many cores, so a simulation given a share of the
+        # machine (a comparison running other arms beside it) keeps to it.
+        + (f"options.backend.init-args.num-cpus = {cpus}\n" if cpus else "")
     )
     env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
            "FLWR_DISABLE_UPDATE_CHECK": "1"}

@@ -24,13 +24,22 @@ import torch
 from fedmae.checkpoint import load_checkpoint, remove_checkpoint, save_checkpoint
 from fedmae.config import ExperimentConfig
 from fedmae.data.cohort import SiteData
-from fedmae.data.datasets import epoch_seed, finetuning_dataset, label_subset, make_loader, pretraining_dataset
+from fedmae.data.datasets import finetuning_dataset, label_subset
+from fedmae.data.loader import EpochLoader
 from fedmae.data.preprocess import Preprocessing
 from fedmae.data.tasks import TaskSpec
-from fedmae.engine.finetune import evaluate_dataset, task_loss
-from fedmae.engine.loop import Schedule, resolve_device, seed_everything, train_one_epoch
+from fedmae.engine.device import resolve_device
+from fedmae.engine.finetune import evaluate_dataset, finetune_epoch, finetune_schedule, task_loss
+from fedmae.engine.loop import seed_everything
 from fedmae.engine.optim import build_optimizer
-from fedmae.engine.pretrain import mae_loss, pretrain_epoch, pretrain_schedule, reconstruction_loss, site_images
+from fedmae.engine.pretrain import (
+    mae_loss,
+    pretrain_epoch,
+    pretrain_schedule,
+    pretraining_loaders,
+    reconstruction_loss,
+    site_images,
+)
 from fedmae.engine.runs import Stopwatch
 from fedmae.models.factory import build_finetune_model, build_mae
 from fedmae.models.state import ENCODER_PREFIX, encoder_state, load_encoder, load_model_state
@@ -107,11 +116,12 @@ class SitePretraining(_SiteRounds):
     def __init__(self, cfg: ExperimentConfig, site: SiteData, prep: Preprocessing, state_dir: str | Path,
                  device: str | None = None):
         super().__init__(cfg, site, state_dir, device)
-        self.train_set = pretraining_dataset(site_images([site], "train"), cfg, prep, train=True)
-        self.val_set = pretraining_dataset(site_images([site], "val"), cfg, prep, train=False)
-        if len(self.train_set) == 0:
+        images = {split: site_images([site], split) for split in ("train", "val")}
+        if not images["train"]:
             raise ValueError(f"site {site.name}: no training images to pre-train on")
-        self.schedule = pretrain_schedule(cfg, len(self.train_set))
+        self.train_loader, self.val_loader = pretraining_loaders(images, cfg, prep, self.device)
+        self.num_examples = len(images["train"])
+        self.schedule = pretrain_schedule(cfg, self.num_examples)
 
     def _build(self) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         # The same seeded initialisation as the centralised run: with one site, federated and
@@ -134,11 +144,11 @@ class SitePretraining(_SiteRounds):
         for e in range(E):
             epoch = (server_round - 1) * E + e
             loss, self.step = pretrain_epoch(
-                model, self.train_set, optimizer, self.schedule, self.cfg, epoch, self.step, self.device,
+                model, self.train_loader, optimizer, self.schedule, self.cfg, epoch, self.step, self.device,
                 desc=f"{self.site.name} round {server_round}", loss_fn=loss_fn,
             )
             losses.append(loss)
-        metrics = {"train_loss": sum(losses) / len(losses), "num-examples": len(self.train_set),
+        metrics = {"train_loss": sum(losses) / len(losses), "num-examples": self.num_examples,
                    "seconds": watch.seconds, "lr": optimizer.param_groups[0]["lr"]}
         self._save(server_round, model, optimizer, metrics)
         return _prefixed(encoder_state(model.state_dict())), metrics
@@ -149,8 +159,9 @@ class SitePretraining(_SiteRounds):
         # nothing the next round would not: it starts by loading the same global encoder.
         model, _ = self._start_round(server_round + 1)
         load_encoder(model, _strip(global_encoder))
-        loss = reconstruction_loss(model, self.val_set, self.cfg, self.device) if len(self.val_set) else math.nan
-        return {"val_loss": loss, "num-examples": len(self.val_set)}
+        cases = len(self.val_loader.dataset)
+        loss = reconstruction_loss(model, self.val_loader, self.cfg, self.device) if cases else math.nan
+        return {"val_loss": loss, "num-examples": cases}
 
 
 class SiteFinetuning(_SiteRounds):
@@ -163,10 +174,10 @@ class SiteFinetuning(_SiteRounds):
         super().__init__(cfg, site, state_dir, device)
         self.task, self.prep = task, prep
         labelled = label_subset(site.train, cfg.finetune.label_fraction, cfg.seed, site.name)
-        self.train_set = finetuning_dataset(labelled, task, cfg, prep, train=True)
-        f = cfg.finetune
-        steps_per_epoch = max(1, math.ceil(len(self.train_set) / f.batch_size))
-        self.schedule = Schedule(cfg.finetune_lr, f.min_lr, f.warmup_epochs * steps_per_epoch, f.epochs * steps_per_epoch)
+        self.train_loader = EpochLoader(finetuning_dataset(labelled, task, cfg, prep, train=True), cfg.finetune.batch_size,
+                                        True, cfg.data.num_workers, self.device)
+        self.num_examples = len(labelled)
+        self.schedule = finetune_schedule(cfg, self.num_examples)
         self.criterion = task_loss(task)
 
     def build_model(self) -> torch.nn.Module:
@@ -182,22 +193,14 @@ class SiteFinetuning(_SiteRounds):
         watch = Stopwatch()
         model, optimizer = self._start_round(server_round)
         load_model_state(model, global_model, "global model")
-        device = self.device
-
-        def loss_of_batch(net: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-            return self.criterion(net(batch["image"].to(device)).float(), batch["label"].to(device))
-
-        E, f = self.cfg.federated.finetune_local_epochs, self.cfg.finetune
+        E = self.cfg.federated.finetune_local_epochs
         losses = []
         for e in range(E):
             epoch = (server_round - 1) * E + e
-            seed_everything(epoch_seed(self.cfg.seed, epoch, stream=3))
-            loader = make_loader(self.train_set, f.batch_size, epoch_seed(self.cfg.seed, epoch, stream=2), True,
-                                 self.cfg.data.num_workers)
-            loss, self.step = train_one_epoch(model, loader, optimizer, loss_of_batch, self.schedule, self.step, device,
-                                              f.clip_grad, f"{self.site.name} fine-tune round {server_round}")
+            loss, self.step = finetune_epoch(model, self.train_loader, optimizer, self.schedule, self.criterion, self.cfg,
+                                             epoch, self.step, self.device, f"{self.site.name} fine-tune round {server_round}")
             losses.append(loss)
-        metrics = {"train_loss": sum(losses) / len(losses), "num-examples": len(self.train_set), "seconds": watch.seconds}
+        metrics = {"train_loss": sum(losses) / len(losses), "num-examples": self.num_examples, "seconds": watch.seconds}
         self._save(server_round, model, optimizer, metrics)
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}, metrics
 

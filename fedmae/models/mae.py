@@ -30,6 +30,11 @@ def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
     return x.reshape(batch, math.prod(grid), p**d * channels)
 
 
+def _take(tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """(B, L, X) gathered at (B, N) positions -> (B, N, X)."""
+    return torch.gather(tokens, 1, ids.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+
+
 class MaskedAutoencoder(nn.Module):
     """MAE: ``forward(imgs) -> (loss, pred, mask)``.
 
@@ -99,24 +104,37 @@ class MaskedAutoencoder(nn.Module):
         Returns the visible tokens (B, L_keep, D), the mask (B, L; 1 = masked) and ``ids_restore``
         (B, L), the permutation that puts shuffled positions back in grid order.
         """
-        batch, length, dim = tokens.shape
+        ids_keep, mask, ids_restore = self.masking_order(tokens.shape[0], tokens.shape[1], mask_ratio, tokens.device)
+        return _take(tokens, ids_keep), mask, ids_restore
+
+    def masking_order(
+        self, batch: int, length: int, mask_ratio: float, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The masking of :meth:`random_masking` without the tokens: ``ids_keep`` (B, L_keep), the
+        positions left visible; the mask (B, L); ``ids_restore`` (B, L)."""
         keep = max(1, int(length * (1 - mask_ratio)))
-        noise = torch.rand(batch, length, device=tokens.device)
+        noise = torch.rand(batch, length, device=device)
         ids_shuffle = torch.argsort(noise, dim=1)  # (B, L): ascending noise is kept
         ids_restore = torch.argsort(ids_shuffle, dim=1)  # (B, L): inverse permutation
-        ids_keep = ids_shuffle[:, :keep]  # (B, L_keep)
-        visible = torch.gather(tokens, 1, ids_keep.unsqueeze(-1).expand(-1, -1, dim))  # (B, L_keep, D)
-        mask = torch.ones(batch, length, device=tokens.device)
+        mask = torch.ones(batch, length, device=device)
         mask[:, :keep] = 0
         mask = torch.gather(mask, 1, ids_restore)  # (B, L) back in grid order
-        return visible, mask, ids_restore
+        return ids_shuffle[:, :keep], mask, ids_restore
 
     def forward_encoder(
         self, imgs: torch.Tensor, mask_ratio: float
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Encode the visible patches only: latent (B, 1 + L_keep, D), mask, ids_restore."""
-        tokens = self.encoder.embed_patches(imgs)  # (B, L, D)
-        visible, mask, ids_restore = self.random_masking(tokens, mask_ratio)
+        """Encode the visible patches only: latent (B, 1 + L_keep, D), mask, ids_restore.
+
+        Only the visible patches are projected, which gives the same tokens as embedding every
+        patch and masking afterwards for a quarter of the patch-embedding work at 75% masking.
+        """
+        embed = self.encoder.patch_embed
+        values = embed.patch_values(imgs)  # (B, L, C * p^d)
+        batch, length = values.shape[:2]
+        ids_keep, mask, ids_restore = self.masking_order(batch, length, mask_ratio, imgs.device)
+        positions = self.encoder.pos_embed[:, 1:, :].expand(batch, -1, -1)  # (B, L, D)
+        visible = embed.project(_take(values, ids_keep)) + _take(positions, ids_keep)  # (B, L_keep, D)
         latent = self.encoder.forward_blocks(self.encoder.prepend_cls(visible))
         return latent, mask, ids_restore
 

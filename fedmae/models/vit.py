@@ -39,11 +39,29 @@ class PatchEmbed(nn.Module):
         self.proj = conv(in_channels, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check(x)
+        x = self.proj(x)  # (B, D, *grid)
+        return x.flatten(2).transpose(1, 2)  # (B, L, D), tokens in row-major grid order
+
+    def patch_values(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, *S) -> (B, L, C * p^d): each patch's values in the order of the projection's
+        weights (C, p, ..., p), tokens in the same row-major grid order as :meth:`forward`."""
+        self._check(x)
+        p, d = self.patch_size, self.spatial_dims
+        batch, channels = x.shape[:2]
+        x = x.reshape(batch, channels, *[n for g in self.grid_size for n in (g, p)])  # (B, C, g1, p, g2, p[, g3, p])
+        order = [0, *range(2, 2 + 2 * d, 2), 1, *range(3, 3 + 2 * d, 2)]  # -> (B, g1, g2[, g3], C, p, p[, p])
+        return x.permute(order).reshape(batch, self.num_patches, channels * p**d)
+
+    def project(self, values: torch.Tensor) -> torch.Tensor:
+        """(B, N, C * p^d) patch values -> (B, N, D) tokens: the convolution of :meth:`forward`
+        applied to just these patches, as one matrix product."""
+        return nn.functional.linear(values, self.proj.weight.flatten(1), self.proj.bias)
+
+    def _check(self, x: torch.Tensor) -> None:
         expected = (self.in_channels, *self.img_size)
         if tuple(x.shape[1:]) != expected:
             raise ValueError(f"expected input of shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
-        x = self.proj(x)  # (B, D, *grid)
-        return x.flatten(2).transpose(1, 2)  # (B, L, D), tokens in row-major grid order
 
 
 class ViTEncoder(nn.Module):

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from fedmae.data.cohort import load_cohort
-from fedmae.data.datasets import epoch_seed, finetuning_dataset, label_subset, make_loader
+from fedmae.data.datasets import finetuning_dataset, label_subset
+from fedmae.data.loader import EpochLoader, epoch_seed
 from fedmae.data.tasks import label_to_channels, target_of
 from fedmae.data.splits import split_indices
 from fedmae.data.synthetic import FINDINGS, ORGANS
@@ -105,7 +106,7 @@ def test_loader_order_and_augmentation_are_fixed_by_the_seed():
     dataset = finetuning_dataset(cohort.sites[0].train, cohort.task, cfg, cohort.prep, train=True)
 
     def first_batch(seed):
-        return next(iter(make_loader(dataset, 4, seed, shuffle=True)))["image"]
+        return next(EpochLoader(dataset, 4, shuffle=True).epoch(seed))["image"]
 
     a, b, c = first_batch(epoch_seed(0, 1)), first_batch(epoch_seed(0, 1)), first_batch(epoch_seed(0, 2))
     assert a.shape == (4, 1, 32, 32)  # random crops of the model size from larger images

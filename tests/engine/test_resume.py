@@ -64,6 +64,29 @@ def test_finetuning_resumes_to_identical_weights(tmp_path):
     assert straight.metrics["pooled"] == resumed.metrics["pooled"]
 
 
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_a_run_checkpointed_every_few_epochs_resumes_to_identical_weights(tmp_path, stage):
+    # Killed after epoch 3 with checkpoints every 2 epochs: epoch 3 is redone from epoch 2's state.
+    cadence = {"epochs": 4, "checkpoint_every": 2, "eval_every": 2}
+    cfg = tiny_config(2, data={"image_size": [40, 40], "flip_prob": 0.5}, pretrain=cadence, finetune=cadence)
+    cohort = load_cohort(cfg)
+    encoder = pretrain(cfg, tmp_path / "pre", cohort=cohort).checkpoint if stage == "finetune" else None
+
+    def run(folder, **kwargs):
+        if stage == "pretrain":
+            return pretrain(cfg, tmp_path / folder, cohort=cohort, **kwargs)
+        return finetune(cfg, tmp_path / folder, encoder=encoder, cohort=cohort, **kwargs)
+
+    straight = run("straight")
+    with pytest.raises(Killed):
+        run("resumed", on_epoch_end=kill_after(3))
+    assert load_checkpoint(tmp_path / "resumed" / "checkpoint_last.pt")["epoch"] == 2
+    resumed = run("resumed", resume=True)
+    assert_same_weights(straight.checkpoint, resumed.checkpoint)
+    assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")
+    assert straight.metrics.get("pooled") == resumed.metrics.get("pooled")
+
+
 def test_resume_refuses_a_changed_config(tmp_path):
     cfg = tiny_config(2, pretrain={"epochs": 2})
     cohort = load_cohort(cfg)

@@ -12,6 +12,7 @@ from flwr.app import ArrayRecord, Message
 
 from fedmae.checkpoint import load_checkpoint
 from fedmae.data.cohort import load_cohort
+from fedmae.engine.finetune import finetune
 from fedmae.engine.pretrain import pretrain
 from fedmae.federated.global_model import GlobalCheckpoints
 from fedmae.federated.settings import experiment_config
@@ -60,6 +61,23 @@ def test_one_site_federated_pretraining_equals_centralised(tmp_path):
     assert expected.keys() == federated.keys()
     for key in expected:
         torch.testing.assert_close(federated[key], expected[key], rtol=1e-6, atol=1e-7, msg=key)
+
+
+def test_one_site_federated_fine_tuning_equals_centralised(tmp_path):
+    # Sites and `fedmae finetune` train with the same epoch function, schedule and seeding.
+    _, probe = setup_run(tmp_path / "probe", num_sites=1)
+    cfg = experiment_config(probe)
+    encoder = pretrain(cfg, tmp_path / "pre", cohort=load_cohort(cfg)).checkpoint
+    grid, run_config = setup_run(tmp_path, num_sites=1, finetune={"epochs": 3, "warmup_epochs": 1},
+                                 federated={"finetune": "federated", "start_from": str(encoder)})
+    run(grid, run_config)
+    cfg = experiment_config(run_config)
+    finetune(cfg, tmp_path / "central", encoder=encoder, cohort=load_cohort(cfg))
+    expected = load_checkpoint(tmp_path / "central" / "checkpoint_last.pt")["model"]
+    federated = load_checkpoint(Path(run_config["output-dir"]) / "global" / "finetune_last.pt")["model"]
+    assert expected.keys() == federated.keys()
+    for key in expected:
+        torch.testing.assert_close(federated[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
 def test_sites_train_on_their_own_data_and_everything_is_logged(tmp_path):

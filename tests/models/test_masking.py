@@ -89,3 +89,16 @@ def test_reconstruct_keeps_visible_patches():
     image = mae.reconstruct(x, pred, mask)
     visible = mae.patchify(image)[mask == 0]
     assert torch.allclose(visible, mae.patchify(x)[mask == 0])
+
+
+@pytest.mark.parametrize("dims,channels,size,patch", GEOMETRIES)
+def test_encoding_only_the_visible_patches_equals_embedding_all_then_masking(dims, channels, size, patch):
+    mae = make_mae(dims, channels, size, patch)
+    x = torch.randn(2, channels, *size)
+    torch.manual_seed(1)
+    latent, mask, ids_restore = mae.forward_encoder(x, 0.75)
+    torch.manual_seed(1)  # the same masking noise
+    visible, mask_all, restore_all = mae.random_masking(mae.encoder.embed_patches(x), 0.75)
+    expected = mae.encoder.forward_blocks(mae.encoder.prepend_cls(visible))
+    assert torch.equal(mask, mask_all) and torch.equal(ids_restore, restore_all)
+    assert torch.allclose(latent, expected, atol=1e-5)
