@@ -4,7 +4,9 @@ A :class:`Task` is one run (an arm's pre-training, one site's pre-training or fi
 Flower simulation) that may wait for others. :func:`run_tasks` runs them in list order when
 ``workers`` is 1, in this process, exactly as a plain loop would; otherwise in that many worker
 processes, each with ``threads`` PyTorch threads (and its own GPU, or a share of one), starting
-every task as soon as what it waits for is done, earliest in the list first. Each run writes its
+every task as soon as what it waits for is done: first the tasks that others wait for (the long
+pre-training runs), then the rest, each group earliest in the list first, so that the short runs
+fill the end and the workers finish together. Each run writes its
 checkpoints itself, so the results do not depend on which process ran it: with the same number
 of threads per run they are the same to the bit (tests/test_compare.py checks it).
 """
@@ -89,7 +91,8 @@ def _run_in_workers(tasks: list[Task], workers: int, threads: int,
         gpus.put(visible[i % len(visible)] if visible else None)
     results: dict[Hashable, Any] = {}
     running: dict[Future, Task] = {}
-    pending = list(tasks)
+    awaited = {key for task in tasks for key in task.after}
+    pending = sorted(tasks, key=lambda task: task.key not in awaited)  # stable: list order within each group
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
                                initargs=(threads, gpus, logging.getLogger("fedmae").getEffectiveLevel()))
     try:

@@ -62,3 +62,12 @@ def test_validation_and_checkpoints_follow_their_cadence(tmp_path):
     assert [r["epoch"] for r in records if "val_mean_auc" in r] == [2, 4, 5]
     assert ft.metrics["selected_epoch"] in (2, 4, 5)  # only validated epochs can be selected
     assert load_checkpoint(tmp_path / "ft" / "checkpoint_last.pt")["epoch"] == 5
+
+
+def test_a_divergence_found_at_a_later_check_names_the_steps_it_may_be_in():
+    # On a GPU the summed loss is read every few steps: the error names the range since the last read.
+    from fedmae.engine.loop import _check_finite
+
+    _check_finite(torch.tensor(1.0, dtype=torch.float64), "pretrain", 10, 60)  # finite: nothing to say
+    with pytest.raises(NonFiniteLossError, match=r"pretrain: loss became nan at one of steps 10\.\.59"):
+        _check_finite(torch.tensor(math.nan, dtype=torch.float64), "pretrain", 10, 60)
