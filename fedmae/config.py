@@ -199,7 +199,9 @@ class ExperimentConfig:
     name: str = "experiment"
     seed: int = 0
     device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:N
-    compile: bool = False  # torch.compile the model for training (CUDA: faster steps after a slow start; CPU: rarely worth it)
+    # torch.compile the model in fedmae pretrain / finetune (and a comparison's centralised, local and
+    # fine-tuning runs; Flower sites train eagerly): CUDA: faster steps after a slow start; CPU: rarely worth it
+    compile: bool = False
     output_dir: str | None = None  # None: runs/<name>
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

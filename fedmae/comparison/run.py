@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -31,7 +30,7 @@ from fedmae.checkpoint import atomic_write_text
 from fedmae.comparison import arms, plots
 from fedmae.comparison.arms import ARM_TITLES
 from fedmae.comparison.report import main_table, summarise, write_report
-from fedmae.comparison.schedule import Task, resolve_parallel, run_tasks
+from fedmae.comparison.schedule import Task, resolve_parallel, run_tasks, worker_cores
 from fedmae.config import ExperimentConfig
 from fedmae.data.cohort import Cohort, load_cohort
 from fedmae.engine.finetune import finetune
@@ -186,7 +185,7 @@ def arm_result(arm: str, cfg: ExperimentConfig, cohort: Cohort, outputs: dict[An
 def _federated_pretraining(cfg: ExperimentConfig, cohort: Cohort, folder: Path, config_path: Path, overrides: list[str],
                            progress: ProgressLine) -> arms.Pretrained:
     started = time.monotonic()
-    pre = arms.federated(cfg, cohort, folder, progress, config_path, overrides, cpus=_cpus_here())
+    pre = arms.federated(cfg, cohort, folder, progress, config_path, overrides, cpus=worker_cores())
     # The whole simulation, Flower's start-up included, as a user waits for it (a rerun that
     # finds the run finished reports the run's own time).
     return dataclasses.replace(pre, seconds=max(pre.seconds, time.monotonic() - started))
@@ -205,10 +204,9 @@ def finetune_site(cfg: ExperimentConfig, cohort: Cohort, site: str, encoder: Pat
             if key is not None:
                 progress(f"{site} fine-tuning on its own labels, epoch {epoch}/{epochs}: {key} {_fmt(value)}")
 
-    result = finetune(cfg, folder / site, encoder=encoder, resume=True, cohort=arms.single_site(cohort, site),
-                      on_epoch_end=on_epoch)
-    own = arms.single_site(cohort, site).sites[0]
-    return {**scalar_metrics(result.metrics["pooled"]), "num-examples": float(len(own.test))}, result.seconds
+    own = arms.single_site(cohort, site)
+    result = finetune(cfg, folder / site, encoder=encoder, resume=True, cohort=own, on_epoch_end=on_epoch)
+    return {**scalar_metrics(result.metrics["pooled"]), "num-examples": float(len(own.sites[0].test))}, result.seconds
 
 
 def _finetune_federated(arm: str, cfg: ExperimentConfig, cohort: Cohort, encoders: dict[str, Path | None], folder: Path,
@@ -233,18 +231,12 @@ def _finetune_federated(arm: str, cfg: ExperimentConfig, cohort: Cohort, encoder
                 status = simulate(config_path, [*overrides, f"seed={cfg.seed}", "federated.finetune=federated",
                                                 f"federated.start_from={start or 'random'}"],
                                   cfg, len(cohort.sites), run, resume=(run / "global").exists(), stream=stream,
-                                  cpus=_cpus_here())
+                                  cpus=worker_cores())
             if status != 0 or not summary.is_file():
                 raise RuntimeError(f"federated fine-tuning of the {arm} arm failed (exit status {status}); see {folder / 'flower.log'}")
     test = json.loads(summary.read_text())["finetune"]["test"]["sites"]
     per_site = {site: {k: (float("nan") if v is None else float(v)) for k, v in metrics.items()} for site, metrics in test.items()}
     return per_site, time.monotonic() - started
-
-
-def _cpus_here() -> int | None:
-    """The cores this process may use: a worker's share (OMP_NUM_THREADS), else all of them."""
-    threads = os.environ.get("OMP_NUM_THREADS", "")
-    return int(threads) if threads.isdigit() and int(threads) > 0 else None
 
 
 def _claim(out: Path, cfg: ExperimentConfig) -> None:

@@ -18,7 +18,7 @@ import multiprocessing
 import os
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,7 +34,6 @@ class Task:
     run: Callable[..., Any]  # a module-level function (it is sent to a worker process by name)
     args: tuple = ()
     after: tuple[Hashable, ...] = ()  # keys of the tasks that must finish first
-    kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 def resolve_parallel(parallel: int | str, tasks: int) -> tuple[int, int]:
@@ -63,7 +62,7 @@ def run_tasks(tasks: Sequence[Task], workers: int, threads: int,
     if workers <= 1:
         results: dict[Hashable, Any] = {}
         for task in _in_order(tasks):
-            results[task.key] = task.run(*task.args, **task.kwargs)
+            results[task.key] = task.run(*task.args)
             if on_done is not None:
                 on_done(task, results[task.key])
         return results
@@ -99,7 +98,7 @@ def _run_in_workers(tasks: list[Task], workers: int, threads: int,
         while pending or running:
             for task in [t for t in pending if all(k in results for k in t.after)][: workers - len(running)]:
                 pending.remove(task)
-                running[pool.submit(task.run, *task.args, **task.kwargs)] = task
+                running[pool.submit(task.run, *task.args)] = task
             if not running:
                 raise ValueError(f"tasks {[t.key for t in pending]} wait for each other")
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
@@ -139,6 +138,13 @@ def _start_worker(threads: int, gpu_queue, log_level: int) -> None:
     # one run's when several print at once.
     logging.basicConfig(level=max(log_level, logging.WARNING), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+
+
+def worker_cores() -> int | None:
+    """The cores this process may use: its worker's share (set by :func:`_start_worker`), or None
+    outside a worker (all of them, unless the user limited OMP_NUM_THREADS)."""
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    return int(threads) if threads.isdigit() and int(threads) > 0 else None
 
 
 def _visible_gpus() -> list[str]:

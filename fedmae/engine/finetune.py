@@ -24,6 +24,7 @@ from fedmae.data.catalog import Case
 from fedmae.data.cohort import Cohort, load_cohort
 from fedmae.data.datasets import finetuning_dataset, label_subset
 from fedmae.data.loader import EpochLoader, SeededDataset, epoch_seed
+from fedmae.data.preprocess import Preprocessing
 from fedmae.data.tasks import TaskSpec
 from fedmae.engine.device import compiled, resolve_device, to_device
 from fedmae.engine.loop import MetricsLog, Schedule, due, seed_everything, train_one_epoch
@@ -62,6 +63,13 @@ def finetune_schedule(cfg: ExperimentConfig, num_cases: int) -> Schedule:
     f = cfg.finetune
     steps_per_epoch = max(1, math.ceil(num_cases / f.batch_size))
     return Schedule(cfg.finetune_lr, f.min_lr, f.warmup_epochs * steps_per_epoch, f.epochs * steps_per_epoch)
+
+
+def finetuning_loader(cases: list[Case], task: TaskSpec, cfg: ExperimentConfig, prep: Preprocessing,
+                      device: torch.device) -> EpochLoader:
+    """Shuffled, augmented batches of the labelled training ``cases``."""
+    dataset = finetuning_dataset(cases, task, cfg, prep, train=True)
+    return EpochLoader(dataset, cfg.finetune.batch_size, True, cfg.data.num_workers, device)
 
 
 def finetune_epoch(
@@ -115,8 +123,7 @@ def finetune(
     ]
     if not labelled:
         raise ValueError(f"{cohort.catalog.root}: no labelled training cases to fine-tune on")
-    train_loader = EpochLoader(finetuning_dataset(labelled, task, cfg, cohort.prep, train=True), f.batch_size, True,
-                               cfg.data.num_workers, device)
+    train_loader = finetuning_loader(labelled, task, cfg, cohort.prep, device)
     val_loader = evaluation_loader(finetuning_dataset(cohort.cases("val"), task, cfg, cohort.prep, train=False), task,
                                    cfg, device)
     seed_everything(cfg.seed)  # same head/decoder initialisation for every arm of a comparison

@@ -29,7 +29,14 @@ from fedmae.data.loader import EpochLoader
 from fedmae.data.preprocess import Preprocessing
 from fedmae.data.tasks import TaskSpec
 from fedmae.engine.device import resolve_device
-from fedmae.engine.finetune import evaluate_dataset, finetune_epoch, finetune_schedule, task_loss
+from fedmae.engine.finetune import (
+    evaluate_loader,
+    evaluation_loader,
+    finetune_epoch,
+    finetune_schedule,
+    finetuning_loader,
+    task_loss,
+)
 from fedmae.engine.loop import seed_everything
 from fedmae.engine.optim import build_optimizer
 from fedmae.engine.pretrain import (
@@ -174,8 +181,8 @@ class SiteFinetuning(_SiteRounds):
         super().__init__(cfg, site, state_dir, device)
         self.task, self.prep = task, prep
         labelled = label_subset(site.train, cfg.finetune.label_fraction, cfg.seed, site.name)
-        self.train_loader = EpochLoader(finetuning_dataset(labelled, task, cfg, prep, train=True), cfg.finetune.batch_size,
-                                        True, cfg.data.num_workers, self.device)
+        self.train_loader = finetuning_loader(labelled, task, cfg, prep, self.device)
+        self._evaluation: dict[str, EpochLoader] = {}  # per split, built once: every round evaluates on them
         self.num_examples = len(labelled)
         self.schedule = finetune_schedule(cfg, self.num_examples)
         self.criterion = task_loss(task)
@@ -211,8 +218,10 @@ class SiteFinetuning(_SiteRounds):
         cases = self.site.split(split)
         if not cases:
             return {"num-examples": 0}
-        dataset = finetuning_dataset(cases, self.task, self.cfg, self.prep, train=False)
-        result = evaluate_dataset(model, dataset, self.task, self.cfg, self.device)
+        if split not in self._evaluation:
+            dataset = finetuning_dataset(cases, self.task, self.cfg, self.prep, train=False)
+            self._evaluation[split] = evaluation_loader(dataset, self.task, self.cfg, self.device)
+        result = evaluate_loader(model, self._evaluation[split], self.task, self.cfg, self.device)
         return {**scalar_metrics(result), "num-examples": len(cases)}
 
 
