@@ -60,6 +60,7 @@ class DataConfig:
     cases_per_site: int = 60  # built-in data only
     image_size: tuple[int, ...] | None = None  # built-in images / radiographs resized to this; null: model.img_size
     heterogeneity: float = 1.0  # built-in data: how much the hospitals' scanners differ (0: identical)
+    patient_variation: float = 1.0  # built-in data: how much patients' body size, shape, position and rotation differ
     partition: Literal["natural", "iid", "dirichlet", "quantity"] = "natural"  # how cases become sites
     partition_beta: float = 0.5  # Dirichlet concentration for dirichlet (label skew) and quantity skew
     val_fraction: float = 0.15  # per site; for model selection (when the source has no official validation)
@@ -542,6 +543,8 @@ def validate(cfg: ExperimentConfig, source: str) -> None:
         fail("data.num_sites", f"must be at least 1, got {d.num_sites}")
     if d.heterogeneity < 0:
         fail("data.heterogeneity", f"must be non-negative, got {d.heterogeneity}")
+    if d.patient_variation < 0:
+        fail("data.patient_variation", f"must be non-negative, got {d.patient_variation}")
     if d.partition_beta <= 0:
         fail("data.partition_beta", f"must be positive, got {d.partition_beta}")
     for key in ("val_fraction", "test_fraction"):

@@ -79,15 +79,3 @@ def test_bad_encoder_checkpoint_is_one_line(tmp_path):
     result = fedmae("finetune", "--config", str(config), "--encoder", "junk.pt", "--output", "ft", cwd=tmp_path)
     assert result.returncode == 2 and "junk.pt: not a readable fedmae checkpoint" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "ft").exists()
-
-
-def test_demo_is_the_comparison_and_prints_its_table(tmp_path):
-    raw = tiny_raw(2, "segmentation", pretrain={"epochs": 2}, finetune={"epochs": 2},
-                   compare={"arms": ["centralised", "none"], "reconstructions": 1})
-    result = fedmae("demo", "--config", str(write_config(tmp_path, raw)), "--output", "demo", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    results = json.loads((tmp_path / "demo/results.json").read_text())
-    for arm, title in (("centralised", "centralised"), ("none", "no pre-training")):
-        score = results["summary"]["arms"][arm]["pooled"]["mean_dice"]["mean"]
-        assert f"{score:.3f}" in next(line for line in result.stdout.splitlines() if line.startswith(f"| {title} |"))
-    assert f"report: {tmp_path / 'demo' / 'report.md'}" in result.stdout

@@ -6,13 +6,15 @@ import csv
 import dataclasses
 import json
 import re
+import statistics
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from fedmae.checkpoint import load_checkpoint
-from fedmae.comparison.report import cell
+from fedmae.comparison.arms import ARM_TITLES
+from fedmae.comparison.report import PAIRS, cell
 from tests.federated.test_simulation import flower_processes
 from tests.test_cli import fedmae, write_config
 from tests.tiny import tiny_raw
@@ -25,10 +27,16 @@ def comparison_config(tmp_path: Path, **compare) -> Path:
     return write_config(tmp_path, raw)
 
 
-def table_rows(report: str) -> dict[str, list[str]]:
-    """The report's main table: arm title -> its cells."""
-    lines = [line for line in report.splitlines() if line.startswith("| ")]
-    return {cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines[2:])}
+def table_rows(report: str, table: int = 0) -> dict[str, list[str]]:
+    """One of the report's tables (0: the main table, 1: the paired differences): first cell -> the others."""
+    tables, previous = [], ""
+    for line in report.splitlines():
+        if line.startswith("| "):
+            if not previous.startswith("| "):
+                tables.append([])
+            tables[-1].append([c.strip() for c in line.strip("|").split("|")])
+        previous = line
+    return {cells[0]: cells[1:] for cells in tables[table][2:]}
 
 
 def check_report(out: Path, arms: list[str], seeds: list[int]) -> dict:
@@ -51,6 +59,7 @@ def check_report(out: Path, arms: list[str], seeds: list[int]) -> dict:
             assert float(shown[0].split(" ")[0]) == pytest.approx(sum(runs) / len(runs), abs=5e-4)
         assert (len(seeds) > 1) == ("±" in shown[0])
     assert (out / "report.md").read_text().count("![") == 3
+    check_paired_differences(out, results, seeds)
     # Every run's figures are in the CSV, one row per seed, arm, site and metric.
     with (out / "results.csv").open() as f:
         rows_csv = list(csv.DictReader(f))
@@ -63,6 +72,40 @@ def check_report(out: Path, arms: list[str], seeds: list[int]) -> dict:
             image.verify()
             assert image.size[0] > 300 and image.size[1] > 200
     return results
+
+
+def check_paired_differences(out: Path, results: dict, seeds: list[int]) -> None:
+    """results.json and report.md hold the per-seed differences between arms, computed from the
+    per-seed pooled results, their mean +- std, the seeds agreeing in sign, and a reading that calls
+    a difference beyond the seed spread only when it is."""
+    main = results["summary"]["main"]
+    pooled = {(r["seed"], r["arm"]): r["pooled"][main] for r in results["runs"]}
+    arms = {r["arm"] for r in results["runs"]}
+    paired = results["summary"]["paired"]
+    expected = [(a, b) for a, b in PAIRS if {a, b} <= arms]
+    assert sorted(paired) == sorted(f"{a}-{b}" for a, b in expected)
+    report = (out / "report.md").read_text()
+    paired_rows = table_rows(report, table=1)
+    for a, b in expected:
+        p = paired[f"{a}-{b}"]
+        diffs = [pooled[s, a] - pooled[s, b] for s in seeds]
+        assert [p["per_seed"][str(s)] for s in seeds] == pytest.approx(diffs)
+        assert p["mean"] == pytest.approx(statistics.fmean(diffs)) and p["n"] == len(seeds)
+        assert p["std"] == pytest.approx(statistics.stdev(diffs) if len(seeds) > 1 else 0.0)
+        agree = sum(1 for d in diffs if d * p["mean"] > 0)
+        assert p["agree"] == agree
+        beyond = len(seeds) > 1 and agree == len(seeds) and abs(p["mean"]) > p["std"]
+        assert p["beyond_spread"] == beyond
+        row = paired_rows[f"{ARM_TITLES[a]} − {ARM_TITLES[b]}"]
+        assert row[:len(seeds)] == [f"{d:+.3f}" for d in diffs]
+        assert row[len(seeds)].startswith(f"{p['mean']:+.3f}") and row[-1] == f"{agree}/{len(seeds)}"
+    if ("centralised", "none") in expected:
+        sentence = re.search(r"Centralised pre-training minus no pre-training: [^(]*\(([^)]*)\)", report).group(1)
+        if len(seeds) == 1:
+            assert "single seed" in sentence
+        else:
+            assert ("beyond the seed spread" in sentence) == paired["centralised-none"]["beyond_spread"]
+            assert ("within the seed spread" in sentence) != paired["centralised-none"]["beyond_spread"]
 
 
 @pytest.mark.slow
@@ -177,3 +220,22 @@ def test_progress_clock_counts_whole_minutes_and_seconds(monkeypatch):
         monkeypatch.setattr(time, "monotonic", lambda now=now: now)
         line("x")
     assert stream.getvalue().splitlines() == ["[ 10:59] seed 0 | local only | x", "[ 11:00] seed 0 | local only | x"]
+
+
+def test_demo_runs_several_seeds_and_reports_paired_differences(tmp_path):
+    # The demo's pipeline (`fedmae demo`) on a tiny config with two seeds: the printed tables are
+    # results.json's, and the paired differences are computed from the per-seed results.
+    raw = tiny_raw(2, "segmentation", pretrain={"epochs": 2}, finetune={"epochs": 2},
+                   compare={"arms": ["centralised", "none"], "seeds": [0, 1], "reconstructions": 1})
+    result = fedmae("demo", "--config", str(write_config(tmp_path, raw)), "--output", "demo", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "demo"
+    results = json.loads((out / "results.json").read_text())
+    for arm, title in (("centralised", "centralised"), ("none", "no pre-training")):
+        score = results["summary"]["arms"][arm]["pooled"]["mean_dice"]
+        shown = next(line for line in result.stdout.splitlines() if line.startswith(f"| {title} |"))
+        assert f"{score['mean']:.3f} ± {score['std']:.3f}" in shown
+    check_paired_differences(out, results, [0, 1])
+    assert "| centralised − no pre-training |" in result.stdout  # the paired table is printed too
+    assert f"report: {out / 'report.md'}" in result.stdout
+

@@ -1,5 +1,6 @@
 """The comparison's report: results.json and results.csv with every figure, and report.md with the
-main table (arm x site, mean +- std over seeds), a reading generated from the numbers, and plots."""
+main table (arm x site, mean +- std over seeds), the paired per-seed differences between arms, a
+reading generated from the numbers, and plots."""
 
 from __future__ import annotations
 
@@ -17,6 +18,10 @@ from fedmae.config import ExperimentConfig
 from fedmae.evaluation import finite_or_null
 
 POOLED = "pooled"
+# The paired comparisons the report makes, (a, b) for "a minus b": how close federation comes to
+# pooling the data, what pre-training is worth, and what federating adds over each site alone.
+PAIRS = (("federated", "centralised"), ("centralised", "none"), ("federated", "none"), ("federated", "local"),
+         ("local", "none"))
 
 
 def summarise(results: list[dict[str, Any]], cfg: ExperimentConfig) -> dict[str, Any]:
@@ -38,7 +43,33 @@ def summarise(results: list[dict[str, Any]], cfg: ExperimentConfig) -> dict[str,
         entry["total_seconds"] = _stats([r["seconds"]["total"] for r in runs])
         summary[arm] = entry
     return {"main": main, "finetune": cfg.compare.finetune, "seeds": list(cfg.compare.seeds), "sites": sites,
-            "arms": summary}
+            "arms": summary, "paired": paired_differences(results, main)}
+
+
+def paired_differences(results: list[dict[str, Any]], main: str) -> dict[str, dict[str, Any]]:
+    """Per-seed differences of the pooled test metric between two arms of the same seed (same data,
+    splits and test cases, so the noise they share cancels), their mean and std over seeds, and how
+    many seeds agree with the mean's sign. "beyond_spread": the mean difference is larger than the
+    spread of the per-seed differences and every seed agrees in sign (needs two or more seeds)."""
+    pooled = {(r["seed"], r["arm"]): r["pooled"].get(main) for r in results}
+    seeds = sorted({r["seed"] for r in results})
+    paired: dict[str, dict[str, Any]] = {}
+    for a, b in PAIRS:
+        per_seed = {seed: pooled[seed, a] - pooled[seed, b] for seed in seeds
+                    if _finite(pooled.get((seed, a))) and _finite(pooled.get((seed, b)))}
+        if not per_seed:
+            continue
+        stats = _stats(list(per_seed.values()))
+        sign = math.copysign(1.0, stats["mean"]) if stats["mean"] else 0.0
+        agree = sum(1 for d in per_seed.values() if d * sign > 0)
+        paired[f"{a}-{b}"] = {"a": a, "b": b, "per_seed": {str(s): d for s, d in per_seed.items()}, **stats,
+                              "agree": agree,
+                              "beyond_spread": stats["n"] > 1 and agree == stats["n"] and abs(stats["mean"]) > stats["std"]}
+    return paired
+
+
+def _finite(value: Any) -> bool:
+    return value is not None and math.isfinite(float(value))
 
 
 def write_report(out: Path, results: list[dict[str, Any]], cfg: ExperimentConfig, plots: dict[str, Path]) -> Path:
@@ -54,6 +85,7 @@ def write_report(out: Path, results: list[dict[str, Any]], cfg: ExperimentConfig
         "",
         main_table(summary),
         "",
+        *([paired_table(summary), ""] if summary["paired"] else []),
         _reading(summary),
         "",
     ]
@@ -101,9 +133,25 @@ def _setup(cfg: ExperimentConfig, summary: dict[str, Any]) -> str:
             f"{len(seeds)} seed(s) ({', '.join(map(str, seeds))})" + (": mean ± std." if len(seeds) > 1 else "."))
 
 
+def paired_table(summary: dict[str, Any]) -> str:
+    """Markdown: one row per paired difference, each seed's value, mean +- std, seeds agreeing in sign."""
+    paired, seeds = summary["paired"], summary["seeds"]
+    header = [f"paired difference (pooled test {summary['main']})", *[f"seed {s}" for s in seeds], "mean ± std",
+              "seeds agreeing in sign"]
+    rows = [[f"{ARM_TITLES[p['a']]} − {ARM_TITLES[p['b']]}",
+             *[f"{p['per_seed'][str(s)]:+.3f}" if str(s) in p["per_seed"] else "n/a" for s in seeds],
+             _signed(p), f"{p['agree']}/{p['n']}"] for p in paired.values()]
+    return "\n".join("| " + " | ".join(row) + " |" for row in [header, ["---"] * len(header), *rows])
+
+
+def _signed(p: dict[str, Any]) -> str:
+    return f"{p['mean']:+.3f}" + (f" ± {p['std']:.3f}" if p["n"] > 1 else "")
+
+
 def _reading(summary: dict[str, Any]) -> str:
-    """One paragraph that says what the table says, computed from it."""
-    main, arms = summary["main"], summary["arms"]
+    """One paragraph that says what the tables say, computed from them: the ranking, then each
+    paired difference and whether it is beyond the seed spread."""
+    main, arms, paired = summary["main"], summary["arms"], summary["paired"]
     pooled = {arm: e[POOLED][main] for arm, e in arms.items() if e[POOLED][main].get("mean") is not None}
     if not pooled:
         return f"No arm produced a test {main}."
@@ -111,31 +159,31 @@ def _reading(summary: dict[str, Any]) -> str:
     best = ranked[0]
     sentences = [f"On pooled test {main}, the {ARM_TITLES[best]} arm scores best ({cell(pooled[best])})"
                  + (f", then {', '.join(f'{ARM_TITLES[a]} ({cell(pooled[a])})' for a in ranked[1:])}." if len(ranked) > 1 else ".")]
-    noise = max((s.get("std") or 0.0) for s in pooled.values())
-    many_seeds = max(s.get("n", 1) for s in pooled.values()) > 1
 
-    def compare(a: str, b: str, what: str) -> None:
-        if a in pooled and b in pooled:
-            diff = pooled[a]["mean"] - pooled[b]["mean"]
-            size = ("within the seed-to-seed spread" if many_seeds and abs(diff) <= noise else
-                    "from a single seed, so the size of the noise is unknown" if not many_seeds else "beyond the seed spread")
-            sentences.append(f"{what}: {diff:+.3f} ({size}).")
+    def size(p: dict[str, Any]) -> str:
+        if p["n"] < 2:
+            return "from a single seed, so the size of the noise is unknown"
+        where = "beyond the seed spread" if p["beyond_spread"] else "within the seed spread"
+        return f"{p['agree']} of {p['n']} seeds agree in sign; {where}"
 
-    compare("federated", "centralised", "Federated minus centralised")
-    if all(a in pooled for a in ("federated", "centralised", "none")):
-        gain = pooled["centralised"]["mean"] - pooled["none"]["mean"]
-        if many_seeds and 0 < gain <= noise:
-            sentences.append(f"The centralised gain over no pre-training ({gain:+.3f}) is within the seed spread, so "
-                             "the share of it that federation recovers is not meaningful here.")
-        elif gain > 0:
-            share = (pooled["federated"]["mean"] - pooled["none"]["mean"]) / gain
-            sentences.append(f"Federation recovers {share:.0%} of the centralised gain over no pre-training.")
+    for key, what in (("federated-centralised", "Federated minus centralised"),
+                      ("centralised-none", "Centralised pre-training minus no pre-training"),
+                      ("federated-none", "Federated pre-training minus no pre-training"),
+                      ("federated-local", "Federated minus each site pre-training alone"),
+                      ("local-none", "Local-only pre-training minus no pre-training")):
+        if key in paired:
+            sentences.append(f"{what}: {_signed(paired[key])} ({size(paired[key])}).")
+    gain, recovered = paired.get("centralised-none"), paired.get("federated-none")
+    if gain and recovered:
+        if gain["mean"] > 0 and (gain["beyond_spread"] or gain["n"] < 2):
+            sentences.append(f"Federation recovers {recovered['mean'] / gain['mean']:.0%} of the centralised gain over "
+                             "no pre-training.")
+        elif gain["mean"] > 0:
+            sentences.append("The centralised gain over no pre-training is within the seed spread, so the share of it "
+                             "that federation recovers is not meaningful here.")
         else:
-            sentences.append("Centralised pre-training does not beat no pre-training here, so there is no "
-                             "centralised gain for federation to recover.")
-    compare("federated", "local", "Federated minus each site pre-training alone")
-    compare("centralised", "none", "Centralised pre-training minus no pre-training")
-    compare("local", "none", "Local-only pre-training minus no pre-training")
+            sentences.append("Centralised pre-training does not beat no pre-training here, so there is no centralised "
+                             "gain for federation to recover.")
     return " ".join(sentences)
 
 

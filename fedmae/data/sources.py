@@ -51,6 +51,7 @@ def synthetic_catalog(cfg: ExperimentConfig) -> Catalog:
         in_channels=cfg.model.in_channels,
         seed=cfg.seed,
         heterogeneity=d.heterogeneity,
+        patient_variation=d.patient_variation,
     )
     cases = [
         Case(case_id=c.case_id, image=c.image, label=c.label, findings=c.findings, site=site)

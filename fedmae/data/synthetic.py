@@ -26,10 +26,19 @@ from functools import lru_cache
 
 import numpy as np
 
-FINDINGS: tuple[str, ...] = ("lesion", "cyst", "calcification", "enlarged_liver")
+FINDINGS: tuple[str, ...] = ("lesion", "cyst", "calcification", "enlarged_liver", "fatty_liver")
 ORGANS: tuple[str, ...] = ("background", "liver", "spleen", "kidney_left", "kidney_right", "spine")
 
-_PREVALENCE = np.array([0.4, 0.35, 0.35, 0.3])  # per finding, independent
+_PREVALENCE = np.array([0.4, 0.35, 0.35, 0.3, 0.35])  # per finding, independent
+# Contrast enhancement differs per patient (timing, cardiac output): the enhancing organs (liver,
+# spleen, kidneys, aorta) are brighter or darker together on CT and T1 with contrast.
+_ENHANCING = ("aorta", "liver", "spleen", "cortex", "medulla")
+_ENHANCEMENT_STD = 0.07
+_ORGAN_STD = 0.02  # each organ's own per-patient intensity variation
+# Fatty liver (steatosis) lowers the liver's CT attenuation (and brightens it on T1/T2, where fat is
+# bright): read as the liver being darker than the spleen, whatever the enhancement.
+_STEATOSIS = np.array([-1.0, 0.5, -0.3, 0.3])  # per channel (CT, T1, T1gd, T2), times the degree
+_STEATOSIS_DEGREE = (0.12, 0.18)
 _REF_NOISE = 0.01
 _INNER = 0.9  # organs stay inside this fraction of the body radius, leaving a subcutaneous fat rim
 
@@ -212,17 +221,40 @@ def _channel_means(in_channels: int) -> np.ndarray:
     return np.concatenate([_MEANS[:in_channels], *([np.stack(extra)] if extra else [])]).astype(np.float32)
 
 
+def _patient_means(in_channels: int, findings: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """(C, tissues) tissue means of one patient: the table, shifted by the patient's contrast
+    enhancement and organ variation, and by steatosis when the liver is fatty."""
+    means = _channel_means(in_channels).copy()
+    enhancement = rng.normal(0, _ENHANCEMENT_STD)
+    organ = rng.normal(0, _ORGAN_STD, len(_ENHANCING))
+    degree = rng.uniform(*_STEATOSIS_DEGREE)
+    contrast = [c for c in (0, 2) if c < in_channels]  # CT and T1 with contrast enhance
+    for k, tissue in enumerate(_ENHANCING):
+        means[contrast, _T[tissue]] += enhancement
+        means[:, _T[tissue]] += organ[k]
+    if len(findings) > 4 and findings[4]:
+        shift = np.zeros(in_channels, np.float32)
+        shift[: min(in_channels, 4)] = _STEATOSIS[: min(in_channels, 4)] * degree
+        means[:, _T["liver"]] += shift
+    return means
+
+
 def _render(rng: np.random.Generator, spatial_dims: int, shape: tuple[int, ...], in_channels: int,
-            scanner: Scanner, findings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            scanner: Scanner, findings: np.ndarray, patient_variation: float = 1.0,
+            tissue_rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Draw one patient and acquire it. Every random draw happens whatever the findings, so forcing a
-    finding on or off (tests) changes only that finding's pixels."""
+    finding on or off (tests) changes only that finding's pixels. ``patient_variation`` scales how
+    much body size, shape, position and rotation differ between patients (1: +-4 % size, +-3 %
+    position, +-3.4 degrees). ``tissue_rng`` draws the patient's tissue intensities (enhancement,
+    steatosis); a stream of its own, so the anatomy and texture draws do not depend on it."""
     dims, shape = spatial_dims, tuple(int(n) for n in shape)
     u = _grid(shape)
     full = lambda a: np.broadcast_to(a, shape)  # noqa: E731
 
     # Body pose; everything else lives in the body frame, so organs follow the body.
-    bc, br = rng.normal(0, 0.03, 3).tolist(), (_BODY_RADII * (1 + rng.normal(0, 0.04, 2))).tolist()
-    bth = rng.normal(0, 0.06)
+    pv = float(patient_variation)
+    bc, br = rng.normal(0, 0.03 * pv, 3).tolist(), (_BODY_RADII * (1 + rng.normal(0, 0.04 * pv, 2))).tolist()
+    bth = rng.normal(0, 0.06 * pv)
     c, s = float(np.cos(bth)), float(np.sin(bth))
     v = [(c * (u[0] - bc[0]) + s * (u[1] - bc[1])) / br[0], (-s * (u[0] - bc[0]) + c * (u[1] - bc[1])) / br[1]]
     if dims == 3:
@@ -256,7 +288,7 @@ def _render(rng: np.random.Generator, spatial_dims: int, shape: tuple[int, ...],
     for k, name in enumerate(ORGANS[1:], start=1):
         label[(dist[name] <= 1) & inner] = k
 
-    means = _channel_means(in_channels)
+    means = _patient_means(in_channels, findings, np.random.default_rng(0) if tissue_rng is None else tissue_rng)
     img = np.zeros((in_channels, *shape), np.float32)
     bshape = (in_channels,) + (1,) * dims
 
@@ -335,28 +367,33 @@ def _render(rng: np.random.Generator, spatial_dims: int, shape: tuple[int, ...],
 
 
 def generate_case(spatial_dims: int, shape: tuple[int, ...], in_channels: int, scanner: Scanner, seed: int,
-                  site_index: int, case_index: int) -> SyntheticCase:
+                  site_index: int, case_index: int, patient_variation: float = 1.0) -> SyntheticCase:
     """One patient seeded by (seed, site_index, case_index), acquired on `scanner`."""
     _check_geometry(spatial_dims, shape, in_channels)
     rng = np.random.default_rng([seed, site_index, case_index])
-    findings = rng.random(len(FINDINGS)) < _PREVALENCE
-    image, label = _render(rng, spatial_dims, tuple(shape), in_channels, scanner, findings)
+    findings = rng.random(4) < _PREVALENCE[:4]
+    # Tissue intensities and steatosis from their own stream: the other draws stay as they were.
+    tissue_rng = np.random.default_rng([seed, site_index, case_index, 0x715])
+    findings = np.append(findings, tissue_rng.random() < _PREVALENCE[4])
+    image, label = _render(rng, spatial_dims, tuple(shape), in_channels, scanner, findings, patient_variation,
+                           tissue_rng)
     return SyntheticCase(f"{scanner.name}-case-{case_index:04d}", scanner.name, image, label,
                          findings.astype(np.float32))
 
 
 def generate_site(site_index: int, num_cases: int, spatial_dims: int, shape: tuple[int, ...], in_channels: int,
-                  scanner: Scanner, seed: int) -> list[SyntheticCase]:
+                  scanner: Scanner, seed: int, patient_variation: float = 1.0) -> list[SyntheticCase]:
     """Cases 0..num_cases-1 of one hospital."""
     if num_cases < 1:
         raise ValueError(f"num_cases must be >= 1, got {num_cases}")
     _check_geometry(spatial_dims, shape, in_channels)
-    return [generate_case(spatial_dims, shape, in_channels, scanner, seed, site_index, i) for i in range(num_cases)]
+    return [generate_case(spatial_dims, shape, in_channels, scanner, seed, site_index, i, patient_variation)
+            for i in range(num_cases)]
 
 
 def generate_hospitals(num_sites: int, cases_per_site: int | Sequence[int], spatial_dims: int,
                        shape: tuple[int, ...], in_channels: int = 1, seed: int = 0,
-                       heterogeneity: float = 1.0) -> dict[str, list[SyntheticCase]]:
+                       heterogeneity: float = 1.0, patient_variation: float = 1.0) -> dict[str, list[SyntheticCase]]:
     """Keys are scanner names in site order."""
     if num_sites < 1:
         raise ValueError(f"num_sites must be >= 1, got {num_sites}")
@@ -367,5 +404,7 @@ def generate_hospitals(num_sites: int, cases_per_site: int | Sequence[int], spat
         raise ValueError(f"cases_per_site must be >= 1 for every site, got {counts}")
     _check_geometry(spatial_dims, shape, in_channels)
     scanners = scanner_profiles(num_sites, spatial_dims, seed, heterogeneity)
-    return {sc.name: generate_site(k, n, spatial_dims, shape, in_channels, sc, seed)
+    if patient_variation < 0:
+        raise ValueError(f"patient_variation must be non-negative, got {patient_variation}")
+    return {sc.name: generate_site(k, n, spatial_dims, shape, in_channels, sc, seed, patient_variation)
             for k, (sc, n) in enumerate(zip(scanners, counts))}

@@ -42,7 +42,7 @@ def test_sites_have_their_own_scanners_and_splits():
 
 
 @pytest.mark.parametrize("task,multi,shape,names", [
-    ("classification", True, (4,), FINDINGS),
+    ("classification", True, (len(FINDINGS),), FINDINGS),
     ("classification", False, (), ("no_finding", *FINDINGS)),
     ("segmentation", False, (1, 32, 32), ORGANS),
     ("segmentation", True, (5, 32, 32), ORGANS[1:]),

@@ -97,9 +97,10 @@ def test_sites_differ_in_intensity_statistics() -> None:
         vals = [np.concatenate([c.image[0][c.label > 0] for c in cases]) for cases in hospitals.values()]
         return np.array([[v.mean(), v.std()] for v in vals])  # (sites, 2)
 
-    same = body_stats(generate_hospitals(4, 8, 2, (48, 48), seed=0, heterogeneity=0.0))
+    # Enough patients per site that their own variation (contrast enhancement, fatty livers) averages out.
+    same = body_stats(generate_hospitals(4, 40, 2, (48, 48), seed=0, heterogeneity=0.0))
     assert np.allclose(same, same[0], rtol=0.12)  # only the patients differ
-    varied = body_stats(generate_hospitals(4, 8, 2, (48, 48), seed=0, heterogeneity=1.0))
+    varied = body_stats(generate_hospitals(4, 40, 2, (48, 48), seed=0, heterogeneity=1.0))
     rel = np.abs(varied[1:] / varied[0] - 1)  # (sites - 1, 2)
     assert (rel.max(axis=1) > 0.15).all()
 
@@ -150,6 +151,36 @@ def test_enlarged_liver_grows_liver_label() -> None:
     assert ((lab0 == 1) & (lab1 != 1)).sum() == 0 or np.isin(lab1[(lab0 == 1) & (lab1 != 1)], (3, 4, 5)).all()
 
 
+def test_fatty_liver_is_darker_than_the_spleen_whatever_the_enhancement() -> None:
+    # Same anatomy with the finding forced off/on: only liver pixels change, and the liver goes
+    # from brighter to darker than the spleen on CT, for patients with any contrast enhancement.
+    fatty = FINDINGS.index("fatty_liver")
+    off, on = np.zeros(len(FINDINGS), bool), np.zeros(len(FINDINGS), bool)
+    on[fatty] = True
+    for k in range(6):
+        img0, lab0 = _render(np.random.default_rng(k), 2, (64, 64), 1, REF2, off, tissue_rng=np.random.default_rng([k, 1]))
+        img1, lab1 = _render(np.random.default_rng(k), 2, (64, 64), 1, REF2, on, tissue_rng=np.random.default_rng([k, 1]))
+        assert np.array_equal(lab0, lab1)
+        changed = np.abs(img1 - img0)[0] > 1e-6
+        # The liver's pixels, and its partial-volume rim where a neighbour's label wins.
+        assert changed.sum() > 50 and (lab0[changed] == 1).mean() > 0.8
+        core = lab0 == 1
+        assert img0[0][core].mean() > img0[0][lab0 == 2].mean() > img1[0][core].mean()
+
+
+def test_patient_variation_spreads_body_size_and_keeps_the_rest() -> None:
+    def body_areas(variation: float) -> np.ndarray:
+        cases = [generate_case(2, (48, 48), 1, REF2, 0, 0, i, patient_variation=variation) for i in range(30)]
+        return np.array([(c.image[0] > 0.1).sum() for c in cases], float), cases
+
+    areas1, cases1 = body_areas(1.0)
+    areas3, cases3 = body_areas(3.0)
+    assert areas3.std() > 2 * areas1.std()
+    assert [c.findings.tolist() for c in cases1] == [c.findings.tolist() for c in cases3]  # same patients, other poses
+    default = [generate_case(2, (48, 48), 1, REF2, 0, 0, i) for i in range(3)]
+    assert all(np.array_equal(a.image, b.image) for a, b in zip(default, cases1[:3]))
+
+
 def test_multichannel_sequences_differ() -> None:
     case = generate_case(2, (48, 48), 4, REF2, 0, 0, 0)
     corr = np.corrcoef(case.image[:, case.label > 0])  # (4, 4) over organ voxels
@@ -168,6 +199,7 @@ def test_multichannel_sequences_differ() -> None:
         (dict(num_sites=2, cases_per_site=0, spatial_dims=2, shape=(32, 32)), "cases_per_site"),
         (dict(num_sites=2, cases_per_site=[3], spatial_dims=2, shape=(32, 32)), "cases_per_site"),
         (dict(num_sites=2, cases_per_site=2, spatial_dims=2, shape=(32, 32), heterogeneity=-1.0), "heterogeneity"),
+        (dict(num_sites=2, cases_per_site=2, spatial_dims=2, shape=(32, 32), patient_variation=-1.0), "patient_variation"),
     ],
 )
 def test_validation(kwargs: dict, argument: str) -> None:
