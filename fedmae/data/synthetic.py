@@ -8,8 +8,9 @@ spine; aorta, paraspinal muscles and bowel gas as unlabelled distractors) that v
 ~10 %, and each tissue has its own mean intensity *and* texture (smooth random fields with
 tissue-specific correlation lengths), so reconstructing a masked patch requires knowing which organ it
 lies in. The classification findings are small local structures (liver
-lesions, renal cysts, tiny calcifications) or a global shape change (enlarged liver): recognising them
-means knowing the normal anatomy. Hospitals differ only in their scanner (gamma, blur, bias field, noise,
+lesions, renal cysts, tiny calcifications), a global shape change (enlarged liver) or an organ's
+intensity relative to another's (fatty liver: darker than the spleen, whatever the patient's contrast
+enhancement): recognising them means knowing the normal anatomy. Hospitals differ only in their scanner (gamma, blur, bias field, noise,
 scale/offset), the kind of domain shift federated learning has to cope with.
 
 Axes: 2D images are (AP, LR) = (rows: anterior at the top, cols: patient right on the left), an axial
@@ -39,6 +40,7 @@ _ORGAN_STD = 0.02  # each organ's own per-patient intensity variation
 # bright): read as the liver being darker than the spleen, whatever the enhancement.
 _STEATOSIS = np.array([-1.0, 0.5, -0.3, 0.3])  # per channel (CT, T1, T1gd, T2), times the degree
 _STEATOSIS_DEGREE = (0.12, 0.18)
+_FATTY = FINDINGS.index("fatty_liver")  # the findings before it are drawn from the case's main stream
 _REF_NOISE = 0.01
 _INNER = 0.9  # organs stay inside this fraction of the body radius, leaving a subcutaneous fat rim
 
@@ -232,7 +234,7 @@ def _patient_means(in_channels: int, findings: np.ndarray, rng: np.random.Genera
     for k, tissue in enumerate(_ENHANCING):
         means[contrast, _T[tissue]] += enhancement
         means[:, _T[tissue]] += organ[k]
-    if len(findings) > 4 and findings[4]:
+    if len(findings) > _FATTY and findings[_FATTY]:
         shift = np.zeros(in_channels, np.float32)
         shift[: min(in_channels, 4)] = _STEATOSIS[: min(in_channels, 4)] * degree
         means[:, _T["liver"]] += shift
@@ -371,10 +373,10 @@ def generate_case(spatial_dims: int, shape: tuple[int, ...], in_channels: int, s
     """One patient seeded by (seed, site_index, case_index), acquired on `scanner`."""
     _check_geometry(spatial_dims, shape, in_channels)
     rng = np.random.default_rng([seed, site_index, case_index])
-    findings = rng.random(4) < _PREVALENCE[:4]
+    findings = rng.random(_FATTY) < _PREVALENCE[:_FATTY]
     # Tissue intensities and steatosis from their own stream: the other draws stay as they were.
     tissue_rng = np.random.default_rng([seed, site_index, case_index, 0x715])
-    findings = np.append(findings, tissue_rng.random() < _PREVALENCE[4])
+    findings = np.append(findings, tissue_rng.random() < _PREVALENCE[_FATTY])
     image, label = _render(rng, spatial_dims, tuple(shape), in_channels, scanner, findings, patient_variation,
                            tissue_rng)
     return SyntheticCase(f"{scanner.name}-case-{case_index:04d}", scanner.name, image, label,
