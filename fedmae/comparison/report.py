@@ -83,9 +83,8 @@ def write_report(out: Path, results: list[dict[str, Any]], cfg: ExperimentConfig
         "",
         _setup(cfg, summary),
         "",
-        main_table(summary),
+        tables(summary),
         "",
-        *([paired_table(summary), ""] if summary["paired"] else []),
         _reading(summary),
         "",
     ]
@@ -96,6 +95,12 @@ def write_report(out: Path, results: list[dict[str, Any]], cfg: ExperimentConfig
     report = out / "report.md"
     atomic_write_text(report, "\n".join(lines))
     return report
+
+
+def tables(summary: dict[str, Any]) -> str:
+    """The main table, then (when two arms can be paired) the paired differences: what the report
+    and the command's output show."""
+    return main_table(summary) + (f"\n\n{paired_table(summary)}" if summary["paired"] else "")
 
 
 def main_table(summary: dict[str, Any]) -> str:

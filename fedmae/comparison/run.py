@@ -29,7 +29,7 @@ import yaml
 from fedmae.checkpoint import atomic_write_text
 from fedmae.comparison import arms, plots
 from fedmae.comparison.arms import ARM_TITLES
-from fedmae.comparison.report import main_table, paired_table, summarise, write_report
+from fedmae.comparison.report import summarise, tables, write_report
 from fedmae.comparison.schedule import Task, resolve_parallel, run_tasks, worker_cores
 from fedmae.config import ExperimentConfig
 from fedmae.data.cohort import Cohort, load_cohort
@@ -76,12 +76,8 @@ def run_comparison(cfg: ExperimentConfig, config_path: Path, overrides: list[str
         if figure is not None:
             figures["MAE reconstructions"] = figure
     report = write_report(out, results, cfg, figures)
-    summary = summarise(results, cfg)
     print()
-    print(main_table(summary))
-    if summary["paired"]:
-        print()
-        print(paired_table(summary))
+    print(tables(summarise(results, cfg)))
     print()
     print(f"report: {report} (results.json, results.csv, plots/)")
     return report
