@@ -25,6 +25,7 @@ from fedmae.data.cohort import Cohort
 from fedmae.engine.loop import MetricsLog
 from fedmae.engine.pretrain import LAST, pretrain
 from fedmae.evaluation import weighted_mean
+from fedmae.federated.run_record import failure, finished_summary
 
 Progress = Callable[[str], None]
 ARM_TITLES = {"centralised": "centralised", "federated": "federated (FedAvg)", "local": "local only", "none": "no pre-training"}
@@ -98,9 +99,9 @@ def federated(cfg: ExperimentConfig, cohort: Cohort, folder: Path, progress: Pro
 
     run = folder / "flower"
     last = encoder_checkpoint("federated", folder, "")
-    summary = run / "summary.json"
     finetune = "federated" if cfg.compare.finetune == "federated" else "none"
-    if not summary.is_file():
+    summary = finished_summary(run)
+    if summary is None:
         watcher = _RoundWatcher(run / "rounds.jsonl", cfg, progress)
         folder.mkdir(parents=True, exist_ok=True)
         watcher.start()
@@ -110,16 +111,17 @@ def federated(cfg: ExperimentConfig, cohort: Cohort, folder: Path, progress: Pro
                                   len(cohort.sites), run, resume=last.exists(), stream=stream, cpus=cpus)
         finally:
             watcher.stop()
-        if status != 0 or not summary.is_file():
-            raise RuntimeError(f"the federated arm's Flower run failed (exit status {status}); see {folder / 'flower.log'} "
-                               f"and {run / 'superlink.log'}")
+        summary = finished_summary(run)
+        if summary is None:  # flwr run exits 0 even when the ServerApp raised: fedmae's record decides
+            raise RuntimeError(f"the federated arm's Flower run failed ({failure(run) or f'exit status {status}'}); "
+                               f"see {folder / 'flower.log'} and {run / 'superlink.log'}")
     evaluations: dict[int, list[dict[str, float]]] = {}
     for record in MetricsLog(run / "rounds.jsonl").read():
         if record.get("phase") == "pretrain" and "evaluation" in record:
             evaluations.setdefault(int(record["round"]), []).append(record["evaluation"])
     curve = [{"epoch": r * cfg.federated.local_epochs, "val_loss": weighted_mean(sites)["val_loss"]}
              for r, sites in sorted(evaluations.items())]
-    seconds = float(json.loads(summary.read_text()).get("seconds", 0.0))
+    seconds = float(summary.get("seconds", 0.0))
     return Pretrained(curve, seconds)
 
 

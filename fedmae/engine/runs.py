@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
+import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,7 +16,8 @@ import torch
 import yaml
 from torch import nn
 
-from fedmae.checkpoint import Kind, load_checkpoint
+from fedmae import __version__
+from fedmae.checkpoint import Kind, atomic_write_text, load_checkpoint
 from fedmae.config import ExperimentConfig
 from fedmae.engine.loop import MetricsLog
 from fedmae.models.state import load_model_state
@@ -33,48 +38,144 @@ class RunResult:
     seconds: float = 0.0
 
 
-def prepare_run_dir(output_dir: Path, cfg: ExperimentConfig, last_checkpoint: Path, resume: bool) -> None:
-    """Create the folder and record the resolved config; refuse to silently mix two runs."""
-    if last_checkpoint.exists() and not resume:
-        raise FileExistsError(
-            f"{output_dir} already holds a run ({last_checkpoint.name}); pass --resume to continue it "
-            "or choose another --output"
+MARKER = ".fedmae-run.json"  # claims a folder for one run: which command, which experiment
+
+
+class OutputError(ValueError):
+    """An output folder that cannot (or must not) be written; one line naming the folder."""
+
+
+def check_output_dir(output_dir: Path, command: str, cfg: ExperimentConfig, *, holds_run: bool, resume: bool,
+                     force: bool, option: str = "--output") -> None:
+    """Refuse, before anything is written, an output folder this run must not write into.
+
+    Accepted: a new or empty folder (whose nearest existing parent is a writable folder), or a
+    folder this command claimed for the same experiment, when it holds no checkpoint yet or the
+    run resumes. ``force`` (``--force``) also takes a folder that is not a fedmae run, a run of
+    another command or experiment, or a run that would otherwise need ``--resume``; the caller
+    then clears that run's own outputs (:func:`claim_output_dir`). ``option``: what the user set
+    the folder with, for the messages (a deployed ServerApp's is the ``output-dir`` run setting).
+    """
+    if force and resume:
+        raise OutputError("--force starts the run in --output over, --resume continues it; pass one of them")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise OutputError(f"{option} {output_dir}: is a file, not a folder; choose a folder")
+    _check_writable(output_dir, option)
+    if not output_dir.exists() or not any(output_dir.iterdir()) or force:
+        return
+    claimed = read_marker(output_dir)
+    if claimed is None:
+        entries = sorted(p.name for p in output_dir.iterdir())
+        raise OutputError(
+            f"{option} {output_dir}: the folder is not a fedmae run and is not empty ({len(entries)} entries, e.g. "
+            f"{', '.join(entries[:3])}); choose a new or empty folder, or pass --force to write into it"
         )
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if claimed.get("command") != command or claimed.get("experiment") != cfg.name:
+        raise OutputError(
+            f"{option} {output_dir}: the folder holds the {claimed.get('command')} run of experiment "
+            f"'{claimed.get('experiment')}', not a {command} run of '{cfg.name}'; choose another folder, or pass "
+            "--force to start over in it"
+        )
+    if holds_run and not resume:
+        how = "pass --resume to continue it, --force to start it over" if option == "--output" else "set resume=true to continue it"
+        raise OutputError(f"{option} {output_dir}: already holds a {command} run; {how}, or choose another {option}")
+
+
+def _check_writable(output_dir: Path, option: str) -> None:
+    """The folder, or the nearest parent that exists, must be a folder one can create files in."""
+    existing = output_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"{option} {output_dir}: {existing} is a file, not a folder; choose another path")
+    try:  # os.access says yes to root even where nothing can be created (/proc, read-only mounts)
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as err:
+        raise OutputError(f"{option} {output_dir}: cannot write in {existing} ({err.strerror}); choose another path") from None
+
+
+def read_marker(output_dir: Path) -> dict[str, Any] | None:
+    try:
+        claimed = json.loads((output_dir / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return claimed if isinstance(claimed, dict) else None
+
+
+def claim_output_dir(output_dir: Path, command: str, cfg: ExperimentConfig, *, force: bool = False,
+                     previous_outputs: Sequence[str] = ()) -> None:
+    """Claim the folder for this run (after every check passed) and record its resolved config.
+
+    ``force``: a run that starts over clears ``previous_outputs`` (names in the folder: the
+    previous run's checkpoints, logs, site state), so nothing of it is resumed or mixed in; it
+    says what it replaced and leaves every other file where it is.
+    """
+    if force and output_dir.is_dir() and any(output_dir.iterdir()):
+        cleared = [name for name in previous_outputs if (output_dir / name).exists()]
+        for name in cleared:
+            target = output_dir / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+            for digest in output_dir.glob(f"{name}.sha256"):
+                digest.unlink()
+        claimed = read_marker(output_dir)
+        log.warning("--force: writing the %s run into %s (was: %s); removed the previous run's %s; config.yaml "
+                    "replaced", command, output_dir,
+                    f"the {claimed.get('command')} run of '{claimed.get('experiment')}'" if claimed else "not a fedmae run",
+                    ", ".join(cleared) or "nothing")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        previous = read_marker(output_dir)
+        marker = _marker(command, cfg, previous)
+        if marker != previous:
+            atomic_write_text(output_dir / MARKER, json.dumps(marker, indent=2))
+        atomic_write_text(output_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    except OSError as err:
+        raise OutputError(f"--output {output_dir}: cannot write ({err.strerror}); choose another path") from None
+
+
+def _marker(command: str, cfg: ExperimentConfig, previous: dict[str, Any] | None) -> dict[str, Any]:
+    kept = previous if previous and previous.get("command") == command and previous.get("experiment") == cfg.name else {}
+    return {"command": command, "experiment": cfg.name,
+            "created": kept.get("created") or time.strftime("%Y-%m-%dT%H:%M:%S%z"), "fedmae": __version__}
+
+
+def open_run(output_dir: Path, command: str, kind: Kind, cfg: ExperimentConfig, last_checkpoint: Path, *, resume: bool,
+             force: bool = False, init: str | None = None, previous_outputs: Sequence[str] = ()) -> dict[str, Any] | None:
+    """Check the folder and, when resuming, the checkpoint against this config; only then claim
+    the folder. Returns the checkpoint payload to resume from, or None for a fresh start."""
+    holds_run = last_checkpoint.exists()
+    check_output_dir(output_dir, command, cfg, holds_run=holds_run, resume=resume, force=force)
+    payload = None
+    if resume and holds_run:
+        payload = load_checkpoint(last_checkpoint, expect_kind=kind)
+        check_resume_config(payload["config"], cfg, last_checkpoint)
+        started_from = payload["extra"].get("init")
+        if init is not None and started_from != init:
+            raise ValueError(
+                f"{last_checkpoint}: cannot resume, the run started from {started_from}, not {init}; "
+                "pass the same --encoder or start a new --output"
+            )
+    claim_output_dir(output_dir, command, cfg, force=force, previous_outputs=previous_outputs)
+    return payload
 
 
 def restore_or_start(
+    resumed: dict[str, Any] | None,
     last_checkpoint: Path,
-    kind: Kind,
-    cfg: ExperimentConfig,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     metrics_log: MetricsLog,
-    resume: bool,
-    init: str | None = None,
 ) -> dict[str, Any] | None:
-    """Continue from ``last_checkpoint`` when resuming (weights, optimiser, log), else start clean.
-
-    ``init`` (fine-tuning: the encoder checkpoint or "random") must be what the run started from.
-    Returns the checkpoint payload it resumed from (its ``epoch`` and ``step`` say where), or None.
-    """
-    if not (resume and last_checkpoint.exists()):
+    """Continue from the payload :func:`open_run` returned (weights, optimiser, log), else start
+    clean. Returns that payload (its ``epoch`` and ``step`` say where), or None."""
+    if resumed is None:
         metrics_log.path.unlink(missing_ok=True)
         return None
-    payload = load_checkpoint(last_checkpoint, expect_kind=kind)
-    check_resume_config(payload["config"], cfg, last_checkpoint)
-    started_from = payload["extra"].get("init")
-    if init is not None and started_from != init:
-        raise ValueError(
-            f"{last_checkpoint}: cannot resume, the run started from {started_from}, not {init}; "
-            "pass the same --encoder or start a new --output"
-        )
-    load_model_state(model, payload["model"], str(last_checkpoint))
-    optimizer.load_state_dict(payload["optimizer"])
-    metrics_log.truncate_after(payload["epoch"])
-    log.info("resuming %s from %s after epoch %d", kind, last_checkpoint, payload["epoch"])
-    return payload
+    load_model_state(model, resumed["model"], str(last_checkpoint))
+    optimizer.load_state_dict(resumed["optimizer"])
+    metrics_log.truncate_after(resumed["epoch"])
+    log.info("resuming %s from %s after epoch %d", resumed["kind"], last_checkpoint, resumed["epoch"])
+    return resumed
 
 
 def check_resume_config(stored: dict[str, Any], cfg: ExperimentConfig, checkpoint: Path) -> None:

@@ -59,6 +59,9 @@ def site_config(cfg: ExperimentConfig, node_config: Mapping[str, Any]) -> Experi
 def check_site_count(cfg: ExperimentConfig, num_sites: int) -> None:
     """Refuse, in one line, a federation too small for the experiment's privacy settings (known
     only once the sites are: from the data in simulation, from the sites that answer in a deployment)."""
+    if cfg.federated.min_sites > num_sites:
+        raise ValueError(f"federated.min_sites: {cfg.federated.min_sites}, but the federation has {num_sites} site(s); "
+                         "no round could ever be used: lower federated.min_sites or add sites")
     shares = cfg.federated.privacy.secagg_shares
     if cfg.federated.privacy.secure_aggregation and num_sites < shares:
         raise ValueError(f"federated.privacy.secure_aggregation: {num_sites} site(s), fewer than "

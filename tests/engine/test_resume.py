@@ -10,6 +10,7 @@ from fedmae.data.cohort import load_cohort
 from fedmae.engine.finetune import finetune
 from fedmae.engine.loop import MetricsLog
 from fedmae.engine.pretrain import pretrain
+from fedmae.engine.runs import OutputError
 from tests.tiny import tiny_config
 
 
@@ -43,7 +44,7 @@ def test_pretraining_resumes_to_identical_weights(tmp_path, dims):
     straight = pretrain(cfg, tmp_path / "straight", cohort=cohort)
     with pytest.raises(Killed):
         pretrain(cfg, tmp_path / "resumed", cohort=cohort, on_epoch_end=kill_after(2))
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(OutputError, match="--resume"):
         pretrain(cfg, tmp_path / "resumed", cohort=cohort)  # never silently overwrite a run
     resumed = pretrain(cfg, tmp_path / "resumed", cohort=cohort, resume=True)
     assert_same_weights(straight.checkpoint, resumed.checkpoint)

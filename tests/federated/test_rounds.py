@@ -14,6 +14,7 @@ from fedmae.checkpoint import load_checkpoint
 from fedmae.data.cohort import load_cohort
 from fedmae.engine.finetune import finetune
 from fedmae.engine.pretrain import pretrain
+from fedmae.engine.runs import OutputError
 from fedmae.federated.global_model import GlobalCheckpoints
 from fedmae.federated.settings import experiment_config
 from fedmae.models.state import encoder_state
@@ -226,7 +227,7 @@ def test_a_stopped_run_resumes_with_the_right_rounds_and_ends_as_an_uninterrupte
 
     grid, stopped = setup_run(tmp_path / "stopped", **sections)
     run_until_stopped_after_round_2(grid, stopped, monkeypatch)
-    with pytest.raises(FileExistsError, match="resume=true"):
+    with pytest.raises(OutputError, match="resume=true"):
         run(grid, stopped)
     run(grid, stopped, resume=True)
 
