@@ -25,7 +25,9 @@ from pathlib import Path
 import torch
 
 from fedmae.config import ExperimentConfig
+from fedmae.engine.runs import check_output_dir, claim_output_dir, read_marker
 from fedmae.federated.settings import APP_DIR, check_site_count
+from fedmae.federated.watchdog import descendants, parent_death_signal, stop_pids
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,9 @@ def simulate(config_path: Path, overrides: list[str], cfg: ExperimentConfig, num
     """Run the app on ``num_sites`` virtual sites; returns the exit status of ``flwr run``.
     ``cpus``: the cores the simulation may use (default: all of the machine's)."""
     check_site_count(cfg, num_sites)  # before Flower starts, not as a traceback inside it
+    if read_marker(output_dir) is None:  # claimed before the SuperLink's log goes in; the ServerApp checks the rest
+        check_output_dir(output_dir, "federated", cfg, holds_run=False, resume=True, force=False)
+        claim_output_dir(output_dir, "federated", cfg)
     if not (APP_DIR / "pyproject.toml").is_file():
         raise FileNotFoundError(f"{APP_DIR}: the fedmae app (pyproject.toml) is not here; run from a source checkout")
     home = Path(tempfile.mkdtemp(prefix="fedmae-flwr-"))
@@ -73,7 +78,15 @@ def simulate(config_path: Path, overrides: list[str], cfg: ExperimentConfig, num
          "--database", ":flwr-in-memory:"],
         env=env, stdout=superlink_log, stderr=subprocess.STDOUT, start_new_session=True,
     )
+    watchdog = None
     try:
+        # The finally below does not run if this process is killed (SIGKILL, the OOM killer), and
+        # the SuperLink's tree lives in other sessions: the watchdog stops it then (watchdog.py).
+        watchdog = subprocess.Popen(
+            [sys.executable, "-m", "fedmae.federated.watchdog", "--parent", str(os.getpid()),
+             "--root", str(superlink.pid), "--home", str(home)],
+            stdin=subprocess.DEVNULL, stdout=superlink_log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
         _wait_until_healthy(superlink, http_port, output_dir / "superlink.log")
         run_config = " ".join([
             f"experiment={json.dumps(str(Path(config_path).absolute()))}",
@@ -84,11 +97,16 @@ def simulate(config_path: Path, overrides: list[str], cfg: ExperimentConfig, num
         log.info("simulating %d sites (%s CPU, %s GPU each) with Flower; SuperLink log: %s",
                  num_sites, resources["num-cpus"], resources["num-gpus"], output_dir / "superlink.log")
         command = [flower_tool("flwr"), "run", str(APP_DIR), "fedmae-simulation", "--stream", "--run-config", run_config]
-        return subprocess.run(command, env=env, stdout=stream, stderr=subprocess.STDOUT if stream else None).returncode
+        # `flwr run` is this process's own child (same session): the kernel ends it with this process.
+        return subprocess.run(command, env=env, stdout=stream, stderr=subprocess.STDOUT if stream else None,
+                              preexec_fn=parent_death_signal()).returncode
     finally:
         stop_process_tree(superlink)
         superlink_log.close()
         shutil.rmtree(home, ignore_errors=True)
+        if watchdog is not None:  # last: a kill during the cleanup above is still covered
+            watchdog.kill()  # it holds nothing to clean up, and must not keep this process waiting
+            watchdog.wait()
         signal.signal(signal.SIGTERM, previous_handler)
 
 
@@ -136,47 +154,3 @@ def stop_process_tree(process: subprocess.Popen, also: set[int] | frozenset[int]
         process.wait(timeout=5.0)
     except subprocess.TimeoutExpired:
         pass
-
-
-def stop_pids(pids: list[int]) -> None:
-    """SIGTERM, up to 15 s to exit, then SIGKILL what is still running."""
-    for pid in pids:
-        _signal(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 15.0
-    while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
-        time.sleep(0.2)
-    for pid in pids:
-        if _alive(pid):  # only what is still running: a dead pid may have been reused
-            _signal(pid, signal.SIGKILL)
-
-
-def descendants(root: int) -> list[int]:
-    listing = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True).stdout
-    children: dict[int, list[int]] = {}
-    for line in listing.splitlines():
-        fields = line.split()
-        if len(fields) == 2 and fields[0].isdigit() and fields[1].isdigit():
-            children.setdefault(int(fields[1]), []).append(int(fields[0]))
-    found, stack = [], [root]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            found.append(child)
-            stack.append(child)
-    return found
-
-
-def _signal(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    # A zombie (exited, not yet reaped) still answers signal 0 but holds nothing.
-    status = Path(f"/proc/{pid}/stat")
-    return not (status.is_file() and ") Z" in status.read_text())
