@@ -144,6 +144,15 @@ def _read_image(case: Case, spatial_dims: int, full: bool) -> _Image:
     return _Image(array, shape, first.spacing, first.affine)
 
 
+def read_problem(path: str, spatial_dims: int) -> str | None:
+    """What is wrong with one image or label file when read to the last voxel, or None."""
+    try:
+        _read_file(path, spatial_dims, full=True)
+    except _Unreadable as err:
+        return err.message
+    return None
+
+
 def _read_file(path: str, spatial_dims: int, full: bool) -> _Image:
     if is_nifti(path):
         return _read_nifti(path, spatial_dims, full)

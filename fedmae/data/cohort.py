@@ -3,7 +3,8 @@
 Order of work, all before any training step:
 1. read the source's index (:func:`fedmae.data.sources.read_catalog`);
 2. open every file (:mod:`fedmae.data.checks`); a problem stops here with one line naming the
-   file, unless ``data.skip_bad_cases`` leaves those cases out and lists them in ``bad_cases.csv``;
+   file, unless ``data.skip_bad_cases`` leaves those cases out and lists them in ``bad_cases.csv``
+   (files that pass these checks but fail to load during training: :mod:`fedmae.data.badfiles`);
 3. divide the cases into sites: the data's own sites (natural) or a simulated partition (IID,
    Dirichlet label skew, quantity skew), keeping each patient's cases together;
 4. split each site into train / validation / test: official splits are kept, the rest drawn from
@@ -12,12 +13,10 @@ Order of work, all before any training step:
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
 import tempfile
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fedmae.data import partition
+from fedmae.data.badfiles import BAD_CASES, DURING_TRAINING, read_problems, write_problems
 from fedmae.data.catalog import SPLITS, UNLABELLED, Case, Catalog, DataError, Problem
 from fedmae.data.checks import ScanResult, scan
 from fedmae.data.preprocess import Preprocessing, resolve_preprocessing
@@ -38,7 +38,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SPLIT_FILE_FORMAT = 1
-BAD_CASES = "bad_cases.csv"
 SUMMARY = "data_summary.json"
 SPLITS_JSON = "splits.json"
 
@@ -334,15 +333,14 @@ def write_reports(cohort: Cohort, cfg: ExperimentConfig, folder: Path, assignmen
     folder.mkdir(parents=True, exist_ok=True)
     _write_json(folder / SPLITS_JSON, split_file_content(assignment, cohort.catalog, cfg))
     _write_json(folder / SUMMARY, {"source": cohort.catalog.source, "root": cohort.catalog.root, "sites": site_summary(cohort)})
-    if cohort.skipped:
-        write_problems(folder / BAD_CASES, cohort.skipped)
-
-
-def write_problems(path: Path, problems: Sequence[Problem]) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["case_id", "file", "problem"])
-        writer.writerows([p.case_id, p.path, p.message] for p in problems)
+    # The checks' problems, and those this run (resumed) met while training (fedmae.data.badfiles).
+    path = folder / BAD_CASES
+    during_training = [p for p in read_problems(path) if p.message.endswith(DURING_TRAINING)]
+    problems = [*cohort.skipped, *(p for p in during_training if p not in cohort.skipped)]
+    if problems:
+        write_problems(path, problems)
+    else:
+        path.unlink(missing_ok=True)  # from an earlier attempt whose files have been fixed since
 
 
 def _write_json(path: Path, content: Any) -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
+from collections.abc import Iterable
 from pathlib import Path
 
 from fedmae.config import ExperimentConfig, config_from_dict
@@ -22,8 +25,10 @@ def inspect_config(cfg: ExperimentConfig, quick: bool = False) -> tuple[str, lis
     return _report(cfg, catalog, task, checked, extra)
 
 
-def inspect_path(path: Path, modality: str | None = None, quick: bool = False) -> tuple[str, list[Problem]]:
-    """Report on a data set on disk, read with the reader its layout calls for, as one site."""
+def inspect_path(path: Path, modality: str | None = None, quick: bool = False, overrides: Iterable[str] = ()
+                 ) -> tuple[str, list[Problem]]:
+    """Report on a data set on disk, read with the reader its layout calls for, as one site.
+    ``overrides`` (``--set key=value``): settings of the data and task, e.g. ``data.check=quick``."""
     source = detect_source(path)
     dims = _spatial_dims(path, source)
     raw = {
@@ -33,7 +38,7 @@ def inspect_path(path: Path, modality: str | None = None, quick: bool = False) -
     }
     if source == "nifti_folder" and modality is None:
         raw["data"]["modality"] = "other"
-    cfg = config_from_dict(raw, source=str(path))
+    cfg = config_from_dict(raw, source=str(path), overrides=overrides)
     catalog, task, checked = read_and_check(cfg, channels=None)
     return _report(cfg, catalog, task, checked, [])
 
@@ -43,12 +48,45 @@ def _report(cfg: ExperimentConfig, catalog: Catalog, task: TaskSpec | str, check
     """Sites and splits as a run would make them (bad cases left out), and every problem."""
     problems = [*checked.problems, *extra]
     try:
-        # Inspection writes nothing: a missing split file is drawn but not saved.
-        cohort = build_cohort(cfg, catalog, task, checked, skip_bad_cases=True, write_split_file=False)
+        # Inspection changes nothing: a missing split file is drawn but not saved, and no bad_cases.csv
+        # is written, so the run's warning "leaving out ... see bad_cases.csv" is not shown.
+        with _quiet(logging.getLogger(build_cohort.__module__), "leaving out"):
+            cohort = build_cohort(cfg, catalog, task, checked, skip_bad_cases=True, write_split_file=False)
     except DataError as err:
         cohort = None
         problems.append(Problem(catalog.root, str(err)))
-    return inspect_report(catalog, checked, cohort, problems), problems
+    report = inspect_report(catalog, checked, cohort, problems)
+    if checked.problems:
+        report += "\n" + what_a_run_would_do(checked.problems, cfg.data.skip_bad_cases, cohort is not None)
+    return report, problems
+
+
+def what_a_run_would_do(problems: list[Problem], skip_bad_cases: bool, sites_shown: bool) -> str:
+    """One line on what training would do with these problems (inspection itself changes nothing)."""
+    bad = len({p.case_id for p in problems if p.case_id})
+    if not bad:
+        skipping = "go on despite these problems (none of them belongs to one case)"
+    elif sites_shown:
+        skipping = f"leave these {bad} case(s) out (as the sites table above does) and list them in bad_cases.csv"
+    else:
+        skipping = f"leave these {bad} case(s) out, list them in bad_cases.csv, and then stop at the last problem above"
+    only = "inspect itself only reports and writes no bad_cases.csv"
+    if skip_bad_cases:
+        return f"this config has data.skip_bad_cases: true, so a run would {skipping}; {only}"
+    return f"a run would stop at the first problem; with data.skip_bad_cases: true it would {skipping}; {only}"
+
+
+@contextlib.contextmanager
+def _quiet(logger: logging.Logger, prefix: str):
+    """Drop ``logger``'s records whose message starts with ``prefix`` for the duration."""
+    def keep(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(prefix)
+
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
 
 
 def _spatial_dims(path: Path, source: str) -> int:

@@ -8,6 +8,9 @@ any epoch sees exactly the batches it would have seen without the interruption.
 
 When nothing random is left (a crop the size of the image, no flips: e.g. the built-in 2D data),
 a batch is a plain stack of cached tensors: no per-sample transform runs at all.
+
+A file that fails to load is dropped from its batch and handed to the loader's
+:class:`~fedmae.data.badfiles.BadFiles`, which stops the run or leaves the file out.
 """
 
 from __future__ import annotations
@@ -21,8 +24,12 @@ import torch
 from monai.transforms import Compose, Lambdad, RandSpatialCropd, Randomizable
 from torch.utils.data import DataLoader, Sampler, default_collate
 
+from fedmae.data.badfiles import BadFiles, UnloadableFile, find_unloadable
+from fedmae.data.catalog import DataError
+
 Item = dict[str, Any]
 Key = tuple[int, int]  # (index into the dataset, seed of that sample's augmentation)
+Failure = tuple[int, str, str]  # (index into the dataset, file, what failed)
 
 
 def epoch_seed(seed: int, epoch: int, stream: int = 0) -> int:
@@ -48,7 +55,15 @@ class SeededDataset(torch.utils.data.Dataset):
         index, seed = key if isinstance(key, tuple) else (key, 0)
         if not -len(self) <= index < len(self):
             raise IndexError(index)
-        item = self.store[index]
+        try:
+            item = self.store[index]
+        except Exception as err:
+            found = find_unloadable(err)  # from a disk cache, wrapped by MONAI
+            if found is None:
+                raise
+            raise UnloadableFile(found.path, found.reason) from None
+        if isinstance(item, UnloadableFile):  # kept in place of the item by an in-memory cache
+            raise UnloadableFile(item.path, item.reason)
         if self.augment is None:
             return item
         self.augment.set_random_state(seed=seed)
@@ -57,6 +72,29 @@ class SeededDataset(torch.utils.data.Dataset):
     def __getitems__(self, keys: Sequence[Key]) -> Item:
         """One collated batch (torch's loaders fetch a whole batch through this)."""
         return default_collate([self[key] for key in keys])
+
+    def fetch(self, keys: Sequence[Key]) -> tuple[Item | None, list[Failure]]:
+        """One collated batch of the samples that load (None: not one did), and those that failed."""
+        items, failed = [], []
+        for key in keys:
+            try:
+                items.append(self[key])
+            except UnloadableFile as err:
+                failed.append((key[0] if isinstance(key, tuple) else key, err.path, err.reason))
+        return (default_collate(items) if items else None), failed
+
+
+class _Fetching(torch.utils.data.Dataset):
+    """What the DataLoader (and its workers) index: batches that never raise for a bad file."""
+
+    def __init__(self, dataset: SeededDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitems__(self, keys: Sequence[Key]) -> tuple[Item | None, list[Failure]]:
+        return self.dataset.fetch(keys)
 
 
 def seeded_dataset(store: Sequence[Item], augment: Sequence, roi: Sequence[int]) -> SeededDataset:
@@ -71,7 +109,7 @@ def seeded_dataset(store: Sequence[Item], augment: Sequence, roi: Sequence[int])
         fixed = next((i for i, step in enumerate(steps) if isinstance(step, Randomizable)), len(steps))
         if fixed:
             now = Compose(steps[:fixed])
-            store = [now(dict(item)) for item in store]
+            store = [now(dict(item)) if isinstance(item, dict) else item for item in store]
             steps = steps[fixed:]
     if steps and isinstance(steps[0], RandSpatialCropd):
         # A crop is a view into the cached tensor: copy it before anything can write into it.
@@ -82,11 +120,21 @@ def seeded_dataset(store: Sequence[Item], augment: Sequence, roi: Sequence[int])
 
 
 def _all_of_size(store: list[Item], roi: Sequence[int]) -> bool:
-    return all(tuple(item["image"].shape[1:]) == tuple(roi) for item in store)
+    return all(tuple(item["image"].shape[1:]) == tuple(roi) for item in store if isinstance(item, dict))
 
 
 def _keys(store: Sequence[Item]) -> list[str]:
-    return [k for k, v in store[0].items() if isinstance(v, torch.Tensor)] if len(store) else ["image"]
+    """The tensor keys of the first item that loads."""
+    for index in range(len(store)):
+        try:
+            item = store[index]
+        except Exception as err:
+            if find_unloadable(err) is None:
+                raise
+            continue
+        if isinstance(item, dict):
+            return [k for k, v in item.items() if isinstance(v, torch.Tensor)]
+    return ["image"]
 
 
 def _copy_step(keys: Sequence[str]) -> Lambdad:
@@ -109,6 +157,9 @@ class SeededBatches(Sampler[list[Key]]):
     def __init__(self, size: int, batch_size: int, shuffle: bool):
         self.size, self.batch_size, self.shuffle = size, batch_size, shuffle
         self.seed = 0
+        # Samples whose file failed to load (data.skip_bad_cases): taken out of their batches,
+        # which keeps every other sample where it was; a batch left empty is not yielded.
+        self.left_out: set[int] = set()
 
     def __len__(self) -> int:
         return -(-self.size // self.batch_size)
@@ -122,23 +173,27 @@ class SeededBatches(Sampler[list[Key]]):
             order = list(range(self.size))
         sample_seeds = np.random.default_rng([self.seed, 1]).integers(0, 2**31, size=self.size).tolist()
         for start in range(0, self.size, self.batch_size):
-            yield [(i, sample_seeds[i]) for i in order[start:start + self.batch_size]]
+            batch = [(i, sample_seeds[i]) for i in order[start:start + self.batch_size] if i not in self.left_out]
+            if batch:
+                yield batch
 
 
 class EpochLoader:
     """The batches of one dataset, epoch after epoch, from one loader whose workers persist.
 
     ``epoch(seed)`` gives that epoch's batches; on CUDA they come in pinned memory, so copies to the
-    device can be non-blocking.
+    device can be non-blocking. ``bad_files``: what to do with a file that fails to load (default:
+    stop with :class:`~fedmae.data.badfiles.UnloadableFile`); a file left out stays out.
     """
 
     def __init__(self, dataset: SeededDataset, batch_size: int, shuffle: bool, num_workers: int | str = 0,
-                 device: torch.device | None = None):
+                 device: torch.device | None = None, bad_files: BadFiles | None = None):
         self.dataset = dataset
+        self.bad_files = bad_files if bad_files is not None else BadFiles(skip=False)
         self.batches = SeededBatches(len(dataset), batch_size, shuffle)
         workers = resolve_workers(num_workers, dataset, device)
         self.loader = DataLoader(
-            dataset,
+            _Fetching(dataset),
             batch_sampler=self.batches,
             num_workers=workers,
             persistent_workers=workers > 0,
@@ -154,7 +209,36 @@ class EpochLoader:
 
     def epoch(self, seed: int) -> Iterator[Item]:
         self.batches.seed = seed
-        return iter(self.loader)
+        return _Epoch(self, iter(self.loader))
+
+
+class _Epoch:
+    """One epoch's batches; each failure to load goes to the loader's BadFiles as it arrives."""
+
+    def __init__(self, owner: EpochLoader, batches: Iterator[tuple[Item | None, list[Failure]]]):
+        self.owner, self.batches, self.yielded = owner, batches, False
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> _Epoch:
+        return self
+
+    def __next__(self) -> Item:
+        while True:
+            try:
+                batch, failed = next(self.batches)
+            except StopIteration:
+                if not self.yielded and self.owner.batches.left_out:
+                    raise DataError(f"none of the {len(self.owner.dataset)} images of this loader could be loaded; "
+                                    "see the warnings above and bad_cases.csv") from None
+                raise
+            for index, path, reason in failed:
+                self.owner.bad_files.found(path, reason)  # raises unless data.skip_bad_cases
+                self.owner.batches.left_out.add(index)
+            if batch is not None:
+                self.yielded = True
+                return batch
 
 
 def resolve_workers(num_workers: int | str, dataset: SeededDataset, device: torch.device | None) -> int:

@@ -94,21 +94,42 @@ def _load(path: Path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise DataError(f"{path}: no such file; give the path of a MedMNIST .npz you have downloaded")
     keys = [f"{split}_{kind}" for split in SPLITS for kind in ("images", "labels")]
+    # NumPy's messages advise loading with allow_pickle (which runs code from the file); ours do not.
     try:
         # allow_pickle=False: an object array raises ValueError on access instead of running pickle code.
         npz = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise DataError(f"{path}: not a valid .npz archive ({e})") from None
+        raise DataError(f"{path}: not a MedMNIST .npz ({_unreadable(path, e)})") from None
     if not isinstance(npz, np.lib.npyio.NpzFile):
         raise DataError(f"{path}: a single array, not an .npz archive of MedMNIST splits")
     with npz:
         missing = [key for key in keys if key not in npz.files]
         if missing:
             raise DataError(f"{path}: missing array(s) {', '.join(missing)}; a MedMNIST file holds {', '.join(keys)}")
-        try:
-            return {key: npz[key] for key in keys}
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-            raise DataError(f"{path}: cannot read its arrays ({e})") from None
+        arrays = {}
+        for key in keys:
+            try:
+                arrays[key] = npz[key]
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+                raise DataError(f"{path}: cannot read its arrays: not a MedMNIST .npz ({key}: {_unreadable(path, e)})") from None
+        return arrays
+
+
+def _unreadable(path: Path, err: Exception) -> str:
+    """Why NumPy could not read the file (or one array), without its advice to unpickle."""
+    text = str(err)
+    if isinstance(err, ValueError) and "Object arrays" in text:
+        return ("it holds Python objects, not numbers; MedMNIST arrays are numeric, and objects are never "
+                "unpickled, since that can run code from the file")
+    if isinstance(err, ValueError) and "pickle" in text:
+        return "neither a zip archive of arrays nor a NumPy array file"
+    if path.stat().st_size == 0:
+        return "the file is empty"
+    if isinstance(err, EOFError):
+        return "the file ends early: truncated"
+    if isinstance(err, zipfile.BadZipFile):
+        return f"a damaged or truncated zip archive: {text}"
+    return text if "pickle" not in text.lower() else type(err).__name__
 
 
 def _layout(path: Path, flavour: str, shape: tuple[int, ...]) -> tuple[int, int]:

@@ -49,6 +49,7 @@ from monai.transforms import (
     SpatialPadd,
 )
 
+from fedmae.data.badfiles import GuardedLoad
 from fedmae.data.loader import SeededDataset, seeded_dataset
 
 if TYPE_CHECKING:
@@ -180,14 +181,17 @@ def cached_dataset(items: list[dict[str, Any]], steps: list, cfg: ExperimentConf
     fixed, augment = Compose(steps[:first_random]), steps[first_random:]
     if not prep.from_files:
         store: Any = [fixed(dict(item)) for item in items]
+    # From files, a file that fails to load becomes one error naming it (fedmae.data.badfiles):
+    # kept in place of the item in memory, raised (so never cached) with a disk cache.
     elif cfg.data.cache == "none":
-        store = Dataset(items, transform=fixed)
+        store = Dataset(items, transform=GuardedLoad(fixed, prep.spatial_dims, mark=True))
     elif cfg.data.cache == "disk":
         folder = Path(cfg.data.cache_dir) / prep.key()
         folder.mkdir(parents=True, exist_ok=True)
-        store = PersistentDataset(items, transform=fixed, cache_dir=folder)
+        store = PersistentDataset(items, transform=GuardedLoad(fixed, prep.spatial_dims, mark=False), cache_dir=folder)
     else:
-        cache = CacheDataset(items, transform=fixed, num_workers=_cache_workers(cfg), progress=False)
+        cache = CacheDataset(items, transform=GuardedLoad(fixed, prep.spatial_dims, mark=True),
+                             num_workers=_cache_workers(cfg), progress=False)
         store = [cache[i] for i in range(len(cache))]
     return seeded_dataset(store, augment, cfg.model.img_size)
 

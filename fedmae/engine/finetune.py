@@ -18,8 +18,9 @@ import torch
 from monai.losses import DiceCELoss
 from torch import nn
 
-from fedmae.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from fedmae.checkpoint import atomic_write_text, load_checkpoint, load_encoder_checkpoint, save_checkpoint
 from fedmae.config import ExperimentConfig
+from fedmae.data.badfiles import BAD_CASES, BadFiles
 from fedmae.data.catalog import Case
 from fedmae.data.cohort import Cohort, load_cohort
 from fedmae.data.datasets import finetuning_dataset, label_subset
@@ -30,7 +31,7 @@ from fedmae.engine.device import compiled, resolve_device, to_device
 from fedmae.engine.loop import MetricsLog, Schedule, due, seed_everything, train_one_epoch
 from fedmae.engine.optim import build_optimizer
 from fedmae.engine.pretrain import EpochCallback
-from fedmae.engine.runs import RunResult, Stopwatch, prepare_run_dir, restore_or_start
+from fedmae.engine.runs import RunResult, Stopwatch, open_run, restore_or_start
 from fedmae.evaluation import evaluate
 from fedmae.models.factory import build_finetune_model
 from fedmae.models.state import encoder_state, load_encoder, load_model_state
@@ -38,6 +39,8 @@ from fedmae.models.state import encoder_state, load_encoder, load_model_state
 log = logging.getLogger(__name__)
 
 LAST, BEST = "checkpoint_last.pt", "checkpoint_best.pt"
+# What a fine-tuning run writes; --force clears it before starting over.
+RUN_OUTPUTS = (LAST, BEST, "metrics.jsonl", "test_metrics.json", "splits.json", "data_summary.json", "bad_cases.csv")
 
 
 def task_loss(task: TaskSpec) -> nn.Module:
@@ -51,11 +54,8 @@ def task_loss(task: TaskSpec) -> nn.Module:
 
 def load_pretrained_encoder(model: nn.Module, checkpoint: str | Path) -> dict[str, Any]:
     """Put the encoder of a pre-training (or fine-tuning) checkpoint into ``model``; strict."""
-    payload = load_checkpoint(checkpoint)
-    state = encoder_state(payload["model"])
-    if not state:
-        raise CheckpointError(f"{checkpoint}: holds no encoder weights")
-    load_encoder(model, state)
+    payload = load_encoder_checkpoint(checkpoint)
+    load_encoder(model, encoder_state(payload["model"]))
     return payload
 
 
@@ -66,10 +66,12 @@ def finetune_schedule(cfg: ExperimentConfig, num_cases: int) -> Schedule:
 
 
 def finetuning_loader(cases: list[Case], task: TaskSpec, cfg: ExperimentConfig, prep: Preprocessing,
-                      device: torch.device) -> EpochLoader:
-    """Shuffled, augmented batches of the labelled training ``cases``."""
+                      device: torch.device, bad_files: BadFiles | None = None) -> EpochLoader:
+    """Shuffled, augmented batches of the labelled training ``cases`` (``bad_files``: see
+    :func:`fedmae.engine.pretrain.pretraining_loaders`)."""
     dataset = finetuning_dataset(cases, task, cfg, prep, train=True)
-    return EpochLoader(dataset, cfg.finetune.batch_size, True, cfg.data.num_workers, device)
+    return EpochLoader(dataset, cfg.finetune.batch_size, True, cfg.data.num_workers, device,
+                       bad_files or BadFiles(cfg.data.skip_bad_cases))
 
 
 def finetune_epoch(
@@ -101,6 +103,7 @@ def finetune(
     *,
     encoder: str | Path | None = None,
     resume: bool = False,
+    force: bool = False,
     cohort: Cohort | None = None,
     on_epoch_end: EpochCallback | None = None,
 ) -> RunResult:
@@ -112,8 +115,10 @@ def finetune(
     watch = Stopwatch()
     output_dir = Path(output_dir)
     last, best = output_dir / LAST, output_dir / BEST
-    prepare_run_dir(output_dir, cfg, last, resume)
     device = resolve_device(cfg.device)
+    init = "random" if encoder is None else str(encoder)
+    resumed = open_run(output_dir, "finetune", "finetune", cfg, last, resume=resume, force=force, init=init,
+                       previous_outputs=RUN_OUTPUTS)
     cohort = load_cohort(cfg, report_dir=output_dir) if cohort is None else cohort
     task = cohort.task
     f = cfg.finetune
@@ -123,15 +128,14 @@ def finetune(
     ]
     if not labelled:
         raise ValueError(f"{cohort.catalog.root}: no labelled training cases to fine-tune on")
-    train_loader = finetuning_loader(labelled, task, cfg, cohort.prep, device)
+    bad_files = BadFiles(cfg.data.skip_bad_cases, output_dir / BAD_CASES, cohort.catalog.cases, fresh=not resume)
+    train_loader = finetuning_loader(labelled, task, cfg, cohort.prep, device, bad_files)
     val_loader = evaluation_loader(finetuning_dataset(cohort.cases("val"), task, cfg, cohort.prep, train=False), task,
-                                   cfg, device)
+                                   cfg, device, bad_files)
     seed_everything(cfg.seed)  # same head/decoder initialisation for every arm of a comparison
     model = build_finetune_model(cfg, task.num_outputs)
-    init = "random"
     if encoder is not None:
         load_pretrained_encoder(model, encoder)
-        init = str(encoder)
     model.to(device)
     optimizer = build_optimizer(model, cfg.finetune_lr, f.weight_decay, f.betas, f.layer_decay)
     schedule = finetune_schedule(cfg, len(labelled))
@@ -139,7 +143,7 @@ def finetune(
     extra = {"task": {"type": task.type, "multi_label": task.multi_label, "class_names": list(task.class_names)}, "init": init}
 
     metrics_log = MetricsLog(output_dir / "metrics.jsonl")
-    resumed = restore_or_start(last, "finetune", cfg, model, optimizer, metrics_log, resume, init=init)
+    resumed = restore_or_start(resumed, last, model, optimizer, metrics_log)
     start_epoch, step = (resumed["epoch"], resumed["step"]) if resumed else (0, 0)
     best_score = resumed["extra"].get("best_score", -math.inf) if resumed else -math.inf
     val: dict[str, Any] = resumed["metrics"].get("val", {}) if resumed else {}
@@ -187,30 +191,35 @@ def finetune(
 
     payload = load_checkpoint(best, expect_kind="finetune")
     load_model_state(model, payload["model"], str(best))
-    report = evaluate_sites(model, cohort, cfg, device, split="test")
+    report = evaluate_sites(model, cohort, cfg, device, split="test", bad_files=bad_files)
     report.update(selected_epoch=payload["epoch"], val=payload["metrics"]["val"], init=init)
-    (output_dir / "test_metrics.json").write_text(json.dumps(report, indent=2))
+    atomic_write_text(output_dir / "test_metrics.json", json.dumps(report, indent=2))
     return RunResult(output_dir, best, report, watch.seconds)
 
 
-def evaluate_sites(model: nn.Module, cohort: Cohort, cfg: ExperimentConfig, device: torch.device, split: str) -> dict[str, Any]:
+def evaluate_sites(model: nn.Module, cohort: Cohort, cfg: ExperimentConfig, device: torch.device, split: str,
+                   bad_files: BadFiles | None = None) -> dict[str, Any]:
     """Metrics on one split, pooled over all sites and per site."""
     task, prep = cohort.task, cohort.prep
-    pooled = evaluate_dataset(model, finetuning_dataset(cohort.cases(split), task, cfg, prep, False), task, cfg, device)
+    bad_files = bad_files or BadFiles(cfg.data.skip_bad_cases, cases=cohort.catalog.cases)
+    pooled = evaluate_dataset(model, finetuning_dataset(cohort.cases(split), task, cfg, prep, False), task, cfg, device,
+                              bad_files)
     if len(cohort.sites) == 1:  # one site (a site fine-tuning alone): its metrics are the pooled ones
         return {"split": split, "pooled": pooled, "sites": {cohort.sites[0].name: pooled} if cohort.sites[0].split(split) else {}}
     per_site = {
-        site.name: evaluate_dataset(model, finetuning_dataset(site.split(split), task, cfg, prep, False), task, cfg, device)
+        site.name: evaluate_dataset(model, finetuning_dataset(site.split(split), task, cfg, prep, False), task, cfg, device,
+                                    bad_files)
         for site in cohort.sites
         if site.split(split)
     }
     return {"split": split, "pooled": pooled, "sites": per_site}
 
 
-def evaluation_loader(dataset: SeededDataset, task: TaskSpec, cfg: ExperimentConfig, device: torch.device) -> EpochLoader:
+def evaluation_loader(dataset: SeededDataset, task: TaskSpec, cfg: ExperimentConfig, device: torch.device,
+                      bad_files: BadFiles | None = None) -> EpochLoader:
     # Whole images for segmentation (sliding window); batch 1 lets images differ in size.
     batch = 1 if task.type == "segmentation" else cfg.finetune.batch_size
-    return EpochLoader(dataset, batch, False, cfg.data.num_workers, device)
+    return EpochLoader(dataset, batch, False, cfg.data.num_workers, device, bad_files or BadFiles(cfg.data.skip_bad_cases))
 
 
 def evaluate_loader(model: nn.Module, loader: EpochLoader, task: TaskSpec, cfg: ExperimentConfig,
@@ -219,5 +228,5 @@ def evaluate_loader(model: nn.Module, loader: EpochLoader, task: TaskSpec, cfg: 
 
 
 def evaluate_dataset(model: nn.Module, dataset: SeededDataset, task: TaskSpec, cfg: ExperimentConfig,
-                     device: torch.device) -> dict[str, Any]:
-    return evaluate_loader(model, evaluation_loader(dataset, task, cfg, device), task, cfg, device)
+                     device: torch.device, bad_files: BadFiles | None = None) -> dict[str, Any]:
+    return evaluate_loader(model, evaluation_loader(dataset, task, cfg, device, bad_files), task, cfg, device)

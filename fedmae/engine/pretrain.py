@@ -18,19 +18,21 @@ import torch
 
 from fedmae.checkpoint import load_checkpoint, save_checkpoint
 from fedmae.config import ExperimentConfig
+from fedmae.data.badfiles import BAD_CASES, BadFiles
 from fedmae.data.cohort import Cohort, SiteData, load_cohort
 from fedmae.data.datasets import ImageSource, pretraining_dataset
 from fedmae.data.loader import EpochLoader, epoch_seed
 from fedmae.engine.device import autocast, compiled, resolve_device, to_device
 from fedmae.engine.loop import MetricsLog, Schedule, due, seed_everything, train_one_epoch
 from fedmae.engine.optim import build_optimizer
-from fedmae.engine.runs import RunResult, Stopwatch, prepare_run_dir, restore_or_start
+from fedmae.engine.runs import RunResult, Stopwatch, open_run, restore_or_start
 from fedmae.models.factory import build_mae
 from fedmae.models.mae import MaskedAutoencoder
 
 log = logging.getLogger(__name__)
 
 LAST = "checkpoint_last.pt"
+RUN_OUTPUTS = (LAST, "metrics.jsonl", "splits.json", "data_summary.json", "bad_cases.csv")  # cleared by --force
 EpochCallback = Callable[[int, dict[str, Any]], None]
 
 
@@ -46,12 +48,17 @@ def pretrain_schedule(cfg: ExperimentConfig, num_images: int) -> Schedule:
     return Schedule(cfg.pretrain_lr, p.min_lr, p.warmup_epochs * steps_per_epoch, p.epochs * steps_per_epoch)
 
 
-def pretraining_loaders(images: dict[str, Sequence[ImageSource]], cfg: ExperimentConfig, prep, device: torch.device
-                        ) -> tuple[EpochLoader, EpochLoader]:
-    """(training, validation) loaders over the images of the ``train`` and ``val`` splits."""
+def pretraining_loaders(images: dict[str, Sequence[ImageSource]], cfg: ExperimentConfig, prep, device: torch.device,
+                        bad_files: BadFiles | None = None) -> tuple[EpochLoader, EpochLoader]:
+    """(training, validation) loaders over the images of the ``train`` and ``val`` splits.
+
+    ``bad_files``: the run's record of files that fail to load (default: data.skip_bad_cases, log only)."""
     p, workers = cfg.pretrain, cfg.data.num_workers
-    train = EpochLoader(pretraining_dataset(images["train"], cfg, prep, train=True), p.batch_size, True, workers, device)
-    val = EpochLoader(pretraining_dataset(images["val"], cfg, prep, train=False), p.batch_size, False, workers, device)
+    bad_files = bad_files or BadFiles(cfg.data.skip_bad_cases)
+    train = EpochLoader(pretraining_dataset(images["train"], cfg, prep, train=True), p.batch_size, True, workers, device,
+                        bad_files)
+    val = EpochLoader(pretraining_dataset(images["val"], cfg, prep, train=False), p.batch_size, False, workers, device,
+                      bad_files)
     return train, val
 
 
@@ -105,21 +112,25 @@ def pretrain(
     output_dir: str | Path,
     *,
     resume: bool = False,
+    force: bool = False,
     cohort: Cohort | None = None,
     on_epoch_end: EpochCallback | None = None,
 ) -> RunResult:
     """Pre-train an MAE on the pooled training images of all sites; returns the last checkpoint.
 
     ``cohort``: the data, already loaded (else loaded from the config, with its reports written
-    to ``output_dir``)."""
+    to ``output_dir``). ``force``: start over in an output folder that holds something else
+    (see :func:`fedmae.engine.runs.check_output_dir`)."""
     watch = Stopwatch()
     output_dir = Path(output_dir)
     last = output_dir / LAST
-    prepare_run_dir(output_dir, cfg, last, resume)
     device = resolve_device(cfg.device)
+    resumed = open_run(output_dir, "pretrain", "mae", cfg, last, resume=resume, force=force,
+                       previous_outputs=RUN_OUTPUTS)
     cohort = load_cohort(cfg, report_dir=output_dir) if cohort is None else cohort
     images = {split: site_images(cohort.sites, split) for split in ("train", "val")}
-    train_loader, val_loader = pretraining_loaders(images, cfg, cohort.prep, device)
+    bad_files = BadFiles(cfg.data.skip_bad_cases, output_dir / BAD_CASES, cohort.catalog.cases, fresh=not resume)
+    train_loader, val_loader = pretraining_loaders(images, cfg, cohort.prep, device, bad_files)
 
     seed_everything(cfg.seed)  # the initial weights are part of the run's reproducibility
     model = build_mae(cfg).to(device)
@@ -127,7 +138,7 @@ def pretrain(
     optimizer = build_optimizer(model, cfg.pretrain_lr, p.weight_decay, p.betas)
     schedule = pretrain_schedule(cfg, len(images["train"]))
     metrics_log = MetricsLog(output_dir / "metrics.jsonl")
-    resumed = restore_or_start(last, "mae", cfg, model, optimizer, metrics_log, resume)
+    resumed = restore_or_start(resumed, last, model, optimizer, metrics_log)
     start_epoch, step = (resumed["epoch"], resumed["step"]) if resumed else (0, 0)
     log.info(
         "pre-training %s on %d images (%d validation), lr %.3g (base %.3g x batch %d / 256), %d epochs",
