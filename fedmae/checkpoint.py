@@ -14,8 +14,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import pickle
 import platform
+import re
 import tempfile
+import warnings
 from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
@@ -141,10 +144,11 @@ def load_checkpoint(path: str | Path, expect_kind: Kind | None = None) -> dict[s
         raise CheckpointError(f"{path}: checkpoint file not found")
     verified = verify_digest(path)
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "pickle protocol 4 ... please file an issue": ours says what is wrong
+            warnings.simplefilter("ignore", UserWarning)
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated file, foreign pickle with objects, not a torch file
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: not a readable fedmae checkpoint ({reason[:200]})") from None
+        raise CheckpointError(f"{path}: not a readable fedmae checkpoint ({_unreadable_reason(path, err)})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a fedmae checkpoint (no '{FORMAT}' header)")
     if payload.get("format_version") != FORMAT_VERSION:
@@ -154,3 +158,74 @@ def load_checkpoint(path: str | Path, expect_kind: Kind | None = None) -> dict[s
     if not verified:  # e.g. copied without its manifest; said only for a file that is otherwise usable
         log.warning("%s has no SHA-256 manifest (%s); its integrity could not be checked", path, digest_path(path).name)
     return payload
+
+
+def _unreadable_reason(path: Path, err: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` failed, in our words. PyTorch's own message advises
+    loading with ``weights_only=False`` (or allow-listing the classes), which would run code from
+    the file; fedmae never does that, so the advice is not repeated."""
+    text = str(err)
+    if path.stat().st_size == 0:
+        return "the file is empty"
+    if isinstance(err, EOFError):
+        return "the file ends early: truncated or not a PyTorch file"
+    if "PytorchStreamReader" in text or "zip archive" in text:
+        return "a truncated or damaged PyTorch archive"
+    if "inline_container" in text:  # a zip that torch did not write (e.g. a NumPy .npz)
+        return "a zip archive that is not a PyTorch checkpoint (a NumPy .npz?)"
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found:
+        return (f"it holds a pickled Python object ({found.group(1)}); fedmae checkpoints hold only tensors and "
+                "plain values, and other objects are never unpickled, since that can run code from the file")
+    if "Weights only load failed" in text or isinstance(err, pickle.UnpicklingError):
+        return "not a PyTorch file, or one holding something other than tensors and plain values"
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    if not first or "weights_only" in first or "pickle" in first.lower():
+        return type(err).__name__
+    return first[:200]
+
+
+ENCODER_KINDS = ("mae", "global", "finetune")  # checkpoints whose encoder a fine-tuning run may start from
+
+
+def load_encoder_checkpoint(path: str | Path, announce: bool = True) -> dict[str, Any]:
+    """Read a checkpoint to start fine-tuning from (``fedmae finetune --encoder``); only its encoder
+    is taken (keys ``encoder.*`` of ``payload["model"]``).
+
+    Accepted: a pre-training checkpoint (``mae``: ``fedmae pretrain``'s; ``global``: a federated
+    run's), or a fine-tuned model (``finetune``, or ``global`` of a fine-tuning phase), whose
+    encoder can carry on to another task. ``announce``: log one line saying which kind it is and
+    that only the encoder is used. Refused in one line: a site's local state and any other kind.
+    """
+    from fedmae.models.state import encoder_state
+
+    path = Path(path)
+    payload = load_checkpoint(path)
+    kind, extra = payload.get("kind"), payload.get("extra") or {}
+    wanted = "pass a pre-training checkpoint (fedmae pretrain's checkpoint_last.pt, or global/pretrain_last.pt of a " \
+             "federated run) or a fine-tuned one"
+    if kind == "site":
+        raise CheckpointError(f"{path}: a site's own state between rounds (site {extra.get('site', '?')}, "
+                              f"{extra.get('phase', '?')}), not an encoder to start from; {wanted}")
+    if kind not in ENCODER_KINDS:
+        raise CheckpointError(f"{path}: a {kind!r} checkpoint, not one with an encoder to start from; {wanted}")
+    if not encoder_state(payload["model"]):
+        raise CheckpointError(f"{path}: holds no encoder weights")
+    if announce:
+        log.info("using only the encoder of %s: %s", path, _describe_checkpoint(payload))
+    return payload
+
+
+def _describe_checkpoint(payload: Mapping[str, Any]) -> str:
+    kind, extra = payload["kind"], payload.get("extra") or {}
+    if kind == "mae":
+        return f"an MAE pre-training checkpoint (epoch {payload.get('epoch')}); its decoder is not used"
+    if kind == "global":
+        phase = extra.get("phase", "pretrain")
+        what = "pre-trained" if phase == "pretrain" else "fine-tuned"
+        rest = "decoder" if phase == "pretrain" else "task head"
+        return f"a federated {what} global model (round {extra.get('round', '?')}); its {rest} is not used"
+    task = extra.get("task") or {}
+    classes = ", ".join(map(str, task.get("class_names") or []))
+    about = f"task {task.get('type', '?')}" + (f": {classes}" if classes else "")
+    return f"a fine-tuned model ({about}, epoch {payload.get('epoch')}); its task head is not used"

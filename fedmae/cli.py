@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fedmae.config import ConfigError, ExperimentConfig, load_config
+from fedmae import __version__
+from fedmae.config import ConfigError, ExperimentConfig, load_config, validate_federated
 
 log = logging.getLogger("fedmae")
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -35,21 +36,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedmae: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("fedmae: interrupted; rerun the same command with --resume to continue", file=sys.stderr)
+        how = ("rerun the same command to continue (a rerun resumes)" if args.command in ("compare", "demo")
+               else "rerun the same command with --resume to continue")
+        print(f"fedmae: interrupted; {how}", file=sys.stderr)
         return 130
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedmae", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"fedmae {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    def command(name: str, run, help: str, config_required: bool = True) -> argparse.ArgumentParser:
+    def command(name: str, run, help: str, config_required: bool = True, output: str = "runs/<name>/<command>",
+                writes_run: bool = True) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help, description=help)
         sub.add_argument("--config", required=config_required, default=None if config_required else DEMO_CONFIG,
                          type=Path, help="YAML experiment file" + ("" if config_required else " (default: configs/demo.yaml)"))
         sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                          help="override a config value, e.g. --set pretrain.epochs=10 (repeatable)")
-        sub.add_argument("--output", type=Path, help="output folder (default: runs/<name>/<command>)")
+        sub.add_argument("--output", type=Path, help=f"output folder (default: {output})")
+        if writes_run:
+            sub.add_argument("--force", action="store_true",
+                             help="start over in an --output folder that holds another run or other files "
+                                  "(the previous run's outputs there are removed; default: refuse)")
         sub.set_defaults(run=run)
         return sub
 
@@ -58,7 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = command("finetune", _finetune, "fine-tune an encoder for the configured task and report test metrics")
     sub.add_argument("--encoder", type=Path, help="pre-training checkpoint whose encoder to start from (default: random init)")
     sub.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
-    sub = command("evaluate", _evaluate, "evaluate a fine-tuned checkpoint on a split, pooled and per site")
+    sub = command("evaluate", _evaluate, "evaluate a fine-tuned checkpoint on a split, pooled and per site",
+                  output="the checkpoint's folder", writes_run=False)
     sub.add_argument("--checkpoint", type=Path, required=True, help="fine-tuned checkpoint (checkpoint_best.pt)")
     sub.add_argument("--split", choices=("test", "val"), default="test", help="which split to score (default: test)")
     sub = command("simulate", _simulate, "federated pre-training + fine-tuning on Flower's simulation engine, "
@@ -95,7 +105,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Check every file of a data set (a folder, an .npz file, or the data of an experiment YAML) "
                     "and list what is in it and what is wrong. Exit status 1 when problems are found.")
     inspect.add_argument("path", type=Path, help="data set folder / MedMNIST .npz, or an experiment YAML file")
-    inspect.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value (YAML only)")
+    inspect.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, e.g. --set data.modality=ct (repeatable)")
     inspect.add_argument("--modality", choices=("ct", "mri", "xray", "other"), help="what a plain NIfTI folder holds")
     inspect.add_argument("--quick", action="store_true", help="read file headers only, not every voxel")
     inspect.add_argument("--problems", type=Path, metavar="CSV", help="also write the problems to this CSV file")
@@ -112,20 +122,20 @@ def _output(cfg: ExperimentConfig, args: argparse.Namespace, default_leaf: str) 
 def _pretrain(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
     from fedmae.engine.pretrain import pretrain
 
-    result = pretrain(cfg, _output(cfg, args, "pretrain"), resume=args.resume)
+    result = pretrain(cfg, _output(cfg, args, "pretrain"), resume=args.resume, force=args.force)
     print(f"pre-training done in {result.seconds:.0f} s: val reconstruction loss {result.metrics.get('val_loss', float('nan')):.4f}")
     print(f"encoder checkpoint: {result.checkpoint}")
     return 0
 
 
 def _finetune(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
-    from fedmae.checkpoint import load_checkpoint
+    from fedmae.checkpoint import load_encoder_checkpoint
     from fedmae.engine.finetune import finetune
 
     if args.encoder is not None:
-        load_checkpoint(args.encoder)  # fail before any output is written
+        load_encoder_checkpoint(args.encoder, announce=False)  # fail before any output is written
     leaf = "finetune" if args.encoder else "finetune-scratch"
-    result = finetune(cfg, _output(cfg, args, leaf), encoder=args.encoder, resume=args.resume)
+    result = finetune(cfg, _output(cfg, args, leaf), encoder=args.encoder, resume=args.resume, force=args.force)
     _print_report(result.metrics)
     print(f"best checkpoint (selected on validation): {result.checkpoint}")
     print(f"metrics: {result.output_dir / 'test_metrics.json'}, log: {result.output_dir / 'metrics.jsonl'}")
@@ -133,23 +143,24 @@ def _finetune(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
 
 
 def _evaluate(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
-    from fedmae.checkpoint import load_checkpoint
+    from fedmae.checkpoint import atomic_write_text, load_checkpoint
     from fedmae.data.cohort import load_cohort
     from fedmae.engine.finetune import evaluate_sites
     from fedmae.engine.device import resolve_device
+    from fedmae.engine.runs import check_output_dir
     from fedmae.models.factory import build_finetune_model
     from fedmae.models.state import load_model_state
 
     payload = load_checkpoint(args.checkpoint, expect_kind="finetune")
+    out = args.output or args.checkpoint.parent
+    check_output_dir(out, "evaluate", cfg, holds_run=False, resume=False, force=True)  # writable, before the data checks
     cohort = load_cohort(cfg)
     device = resolve_device(cfg.device)
     model = build_finetune_model(cfg, cohort.task.num_outputs)
     load_model_state(model, payload["model"], str(args.checkpoint))
     report = evaluate_sites(model.to(device), cohort, cfg, device, split=args.split)
-    out = args.output or args.checkpoint.parent
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"evaluation_{args.split}.json"
-    path.write_text(json.dumps({"checkpoint": str(args.checkpoint), **report}, indent=2))
+    path = atomic_write_text(out / f"evaluation_{args.split}.json",
+                             json.dumps({"checkpoint": str(args.checkpoint), **report}, indent=2))
     _print_report(report)
     print(f"metrics: {path}")
     return 0
@@ -157,19 +168,27 @@ def _evaluate(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
 
 def _simulate(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
     from fedmae.data.cohort import load_cohort
+    from fedmae.engine.device import resolve_device
+    from fedmae.engine.runs import claim_output_dir
+    from fedmae.federated.run_record import RUN_OUTPUTS, check_federated_run, failure, finished_summary
+    from fedmae.federated.settings import check_site_count
     from fedmae.federated.simulate import simulate
 
+    validate_federated(cfg, args.config)
     out = _output(cfg, args, "federated").absolute()
-    if (out / "global" / "pretrain_last.pt").exists() and not args.resume:
-        raise FileExistsError(f"{out} already holds a federated run; pass --resume to continue it or choose another --output")
+    resolve_device(cfg.device)
+    check_federated_run(out, cfg, resume=args.resume, force=args.force)
     cohort = load_cohort(cfg)  # check the data (and count the sites) before Flower starts
+    check_site_count(cfg, len(cohort.sites))
+    claim_output_dir(out, "federated", cfg, force=args.force, previous_outputs=RUN_OUTPUTS)
     status = simulate(args.config, args.set, cfg, len(cohort.sites), out, resume=args.resume)
-    summary = out / "summary.json"
-    if status != 0 or not summary.is_file():
-        print(f"fedmae: error: the federated run failed (flwr run exit status {status}); see the log above "
-              f"and {out / 'superlink.log'}", file=sys.stderr)
+    result = finished_summary(out)
+    if result is None:  # flwr run exits 0 even when the ServerApp raised: fedmae's record decides
+        reason = failure(out) or f"flwr run exit status {status}"
+        print(f"fedmae: error: the federated run failed ({reason}); see the log above and {out / 'superlink.log'}; "
+              "rerun with --resume to continue from the last global round", file=sys.stderr)
         return 1
-    result = json.loads(summary.read_text())
+    summary = out / "summary.json"
     test = result.get("finetune", {}).get("test")
     if test:
         rows = {"pooled (weighted)": _as_report(test["pooled (example-weighted mean)"]),
@@ -193,7 +212,7 @@ def _as_report(flat: dict[str, float]) -> dict[str, Any]:
 def _compare(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
     from fedmae.comparison.run import run_comparison
 
-    run_comparison(cfg, args.config, args.set, _output(cfg, args, "compare"))
+    run_comparison(cfg, args.config, args.set, _output(cfg, args, "compare"), force=args.force)
     return 0
 
 
@@ -226,7 +245,7 @@ def _inspect(args: argparse.Namespace) -> int:
         cfg = load_config(args.path, args.set)
         report, problems = inspect_config(cfg, quick=args.quick)
     else:
-        report, problems = inspect_path(args.path, modality=args.modality, quick=args.quick)
+        report, problems = inspect_path(args.path, modality=args.modality, quick=args.quick, overrides=args.set)
     print(report)
     if args.problems is not None:
         from fedmae.data.cohort import write_problems

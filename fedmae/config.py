@@ -1,13 +1,15 @@
 """Experiment configuration: YAML files loaded into typed dataclasses.
 
-The dataclass defaults below are the one source of defaults. Loading is strict: an unknown key, a
-wrong type or an impossible value raises :class:`ConfigError` with one line that names the file and
-the key, before anything is written. Values that follow from others (the learning rate scaled by the
+The dataclass defaults below are the one source of defaults. Loading is strict: an empty file, a key
+given twice, an unknown key, a wrong type or an impossible value raises :class:`ConfigError` with one
+line that names the file (or the ``--set`` override that set the value) and the key, before anything
+is written. Values that follow from others (the learning rate scaled by the
 batch size, the UNETR skip blocks for a given depth) are computed here and nowhere else.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import re
@@ -288,23 +290,109 @@ def default_skip_blocks(depth: int, patch_size: int) -> tuple[int, ...]:
 
 
 def load_config(path: str | Path, overrides: Iterable[str] = ()) -> ExperimentConfig:
-    """Read a YAML experiment file, apply ``key.sub=value`` overrides, type-check and validate."""
+    """Read a YAML experiment file, apply ``key.sub=value`` overrides, type-check and validate.
+
+    Refused in one line: a file with nothing in it (empty, or only comments: YAML reads it as no
+    value at all), since running 100 epochs on defaults is never what an empty file meant; write
+    ``{}`` for "all defaults". A key given twice in one mapping (PyYAML would keep the last one
+    silently). An error in a value an override set names the override (``--set key=value``), not
+    the file; an error about a value the user did not set names the key that was set (e.g.
+    ``model.depth``, not the ``model.skip_blocks`` derived from it). Settings that only a federated
+    run uses (rounds from ``federated.local_epochs``) are checked by :func:`validate_federated`.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        line = getattr(getattr(err, "problem_mark", None), "line", None)
-        where = f" (line {line + 1})" if line is not None else ""
-        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+    raw = _load_yaml(path.read_text(), str(path))
+    if raw is None:
+        raise ConfigError(f"{path}: the file is empty (no settings, only blank lines or comments); write the "
+                          f"settings to use, or {{}} for all defaults; see configs/ for examples (configs/demo.yaml)")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
-    for item in overrides:
-        _apply_override(raw, item, path)
-    cfg = _build(ExperimentConfig, raw, prefix="", source=str(path))
-    validate(cfg, source=str(path))
-    return _absolute_paths(cfg)
+    return _absolute_paths(config_from_dict(raw, str(path), overrides))
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: str, first: int, second: int):
+        super().__init__(key)
+        self.key, self.first, self.second = key, first, second
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _check_duplicate_keys(node, "", set())
+        return super().construct_document(node)
+
+
+def _check_duplicate_keys(node: yaml.Node, path: str, seen: set[int]) -> None:
+    if id(node) in seen:  # an alias of a node already checked (or a recursive structure)
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        lines: dict[tuple[str, str], int] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: keys after it override on purpose
+                _check_duplicate_keys(value_node, path, seen)
+                continue
+            name = str(key_node.value) if isinstance(key_node, yaml.ScalarNode) else repr(key_node.value)
+            key = f"{path}.{name}" if path else name
+            line = key_node.start_mark.line + 1
+            if (key_node.tag, name) in lines:
+                raise _DuplicateKey(key, lines[key_node.tag, name], line)
+            lines[key_node.tag, name] = line
+            _check_duplicate_keys(value_node, key, seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_duplicate_keys(item, f"{path}[{i}]", seen)
+
+
+def _load_yaml(text: str, where: str) -> Any:
+    """``yaml.safe_load`` that refuses duplicate keys; errors become one-line ConfigErrors."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except _DuplicateKey as dup:
+        raise ConfigError(f"{where}: '{dup.key}' is given twice (lines {dup.first} and {dup.second}); YAML would "
+                          "silently keep only the second: merge them into one") from None
+    except yaml.YAMLError as err:
+        line = getattr(getattr(err, "problem_mark", None), "line", None)
+        at = f" (line {line + 1})" if line is not None else ""
+        raise ConfigError(f"{where}: not valid YAML{at}: {getattr(err, 'problem', None) or err}") from None
+
+
+class _Source:
+    """Where the values of one load came from: the file, or the ``--set`` override that set a key."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.overrides: dict[str, str] = {}  # dotted key -> the override as typed
+        self.given: frozenset[str] | None = None  # dotted keys set by the file or an override
+
+    def __str__(self) -> str:
+        return self.path
+
+    def of(self, *keys: str) -> str:
+        """The override that set (a part of) the first of ``keys`` that one set, else the file."""
+        for key in keys:
+            for set_key, item in reversed(self.overrides.items()):
+                if key == set_key or key.startswith(set_key + ".") or set_key.startswith(key + "."):
+                    return f"--set {item}"
+        return self.path
+
+    def set_by_user(self, key: str) -> bool:
+        return self.given is None or any(k == key or k.startswith(key + ".") for k in self.given)
+
+
+def _where(source: Any, *keys: str) -> str:
+    return source.of(*keys) if isinstance(source, _Source) else str(source)
+
+
+def _dotted_keys(raw: Mapping[str, Any], prefix: str = "") -> Iterable[str]:
+    for key, value in raw.items():
+        yield f"{prefix}{key}"
+        if isinstance(value, dict):
+            yield from _dotted_keys(value, f"{prefix}{key}.")
 
 
 PATH_KEYS = ("root", "manifest", "split_file", "cache_dir")
@@ -317,38 +405,50 @@ def _absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **paths))
 
 
-def config_from_dict(raw: Mapping[str, Any], source: str = "<dict>") -> ExperimentConfig:
-    """Build and validate a config from a plain dict (e.g. the one stored in a checkpoint)."""
-    cfg = _build(ExperimentConfig, dict(raw), prefix="", source=source)
-    validate(cfg, source=source)
+def config_from_dict(raw: Mapping[str, Any], source: str = "<dict>", overrides: Iterable[str] = ()) -> ExperimentConfig:
+    """Build and validate a config from a plain dict (e.g. the one stored in a checkpoint), with
+    ``key.sub=value`` overrides applied (their errors name the override, see :func:`load_config`)."""
+    raw = copy.deepcopy(dict(raw))
+    named = _Source(source)
+    for item in overrides:
+        named.overrides[_apply_override(raw, item)] = item.strip()
+    named.given = frozenset(_dotted_keys(raw))
+    cfg = _build(ExperimentConfig, raw, prefix="", source=named)
+    validate(cfg, source=named)
     return cfg
 
 
-def _apply_override(raw: dict[str, Any], item: str, path: Path) -> None:
+def _apply_override(raw: dict[str, Any], item: str) -> str:
+    """Set one ``key.sub=value`` in ``raw``; returns the dotted key. Errors name the override as typed."""
     key, sep, value = item.partition("=")
+    shown = f"--set {item.strip()}"
     if not sep or not key.strip():
-        raise ConfigError(f"--set {item!r}: expected key.sub=value")
-    parts = key.strip().split(".")
+        raise ConfigError(f"{shown}: expected key.sub=value")
+    parts = [part.strip() for part in key.strip().split(".")]
+    if not all(parts):
+        raise ConfigError(f"{shown}: expected key.sub=value, got the key {key.strip()!r}")
     node = raw
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
+    for i, part in enumerate(parts[:-1]):
+        if node.get(part) is None:  # absent, or an empty section (`pretrain:` with nothing under it)
+            node[part] = {}
+        node = node[part]
         if not isinstance(node, dict):
-            raise ConfigError(f"--set {key}: {part} is not a section")
-    try:
-        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
-    except yaml.YAMLError:
-        raise ConfigError(f"--set {key}: cannot parse value {value!r}") from None
+            raise ConfigError(f"{shown}: {'.'.join(parts[: i + 1])} is not a section")
+    node[parts[-1]] = _load_yaml(value, f"{shown}: the value") if value.strip() else None
+    return ".".join(parts)
 
 
-def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
+def _build(cls: type, raw: Any, prefix: str, source: Any) -> Any:
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'top level'}: expected a mapping, got {raw!r}")
+        where = prefix.rstrip('.')
+        raise ConfigError(f"{_where(source, where)}: {where or 'top level'}: expected a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in names:
             raise ConfigError(
-                f"{source}: unknown key '{prefix}{key}' (valid keys here: {', '.join(sorted(names))})"
+                f"{_where(source, prefix + str(key))}: unknown key '{prefix}{key}' "
+                f"(valid keys {'in ' + prefix.rstrip('.') if prefix else 'here'}: {', '.join(sorted(names))})"
             )
     values = {}
     for key, value in raw.items():
@@ -360,12 +460,12 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
     return cls(**values)
 
 
-def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
+def _coerce(value: Any, hint: Any, key: str, source: Any) -> Any:
     """Check ``value`` against a type hint, converting lists to tuples and ints to floats."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
 
     def fail() -> typing.NoReturn:
-        raise ConfigError(f"{source}: {key}: expected {_describe(hint)}, got {value!r}")
+        raise ConfigError(f"{_where(source, key)}: {key}: expected {_describe(hint)}, got {value!r}")
 
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
@@ -439,7 +539,8 @@ def _plain(obj: Any) -> Any:
 # Validation of values that type-check but cannot work
 
 
-def _validate_privacy(fed: FederatedConfig, fail: Callable[[str, str], typing.NoReturn]) -> None:
+def _validate_privacy(fed: FederatedConfig, fail: Callable[..., typing.NoReturn],
+                      given: Callable[[str], bool]) -> None:
     p = fed.privacy
     if p.dp != "none":
         if p.noise_multiplier <= 0:
@@ -453,7 +554,7 @@ def _validate_privacy(fed: FederatedConfig, fail: Callable[[str, str], typing.No
         if fed.fraction_train != 1.0:
             fail("federated.fraction_train", "must be 1 with differential privacy (the accounting assumes every site "
                  "takes part in every round)")
-        if fed.strategy != "fedavg":
+        if fed.strategy not in ("fedavg", "fedprox"):
             fail("federated.strategy", f"differential privacy needs fedavg or fedprox (its noise and accounting assume a plain "
                  f"average), got {fed.strategy}")
     if p.secure_aggregation:
@@ -468,18 +569,30 @@ def _validate_privacy(fed: FederatedConfig, fail: Callable[[str, str], typing.No
         if fed.transport != "fp32":
             fail("federated.transport", "secure aggregation quantises the weights itself; use fp32")
         if not 2 <= p.secagg_threshold < p.secagg_shares:
-            fail("federated.privacy.secagg_threshold", f"need 2 <= secagg_threshold < secagg_shares (Flower's SecAgg+), "
-                 f"got {p.secagg_threshold} and {p.secagg_shares}")
+            pair = ("secagg_shares", "secagg_threshold")
+            if not given("federated.privacy.secagg_shares") or given("federated.privacy.secagg_threshold"):
+                pair = pair[::-1]  # blame the one the user set
+            fail(f"federated.privacy.{pair[0]}", f"need 2 <= secagg_threshold < secagg_shares (Flower's SecAgg+), "
+                 f"got {p.secagg_threshold} and {p.secagg_shares}", f"federated.privacy.{pair[1]}")
         if p.secagg_clipping_range <= 0 or p.secagg_quantization_range < 2:
             fail("federated.privacy.secagg_clipping_range", "clipping range must be positive and quantization range "
                  "at least 2")
 
 
-def validate(cfg: ExperimentConfig, source: str) -> None:
-    """Raise ConfigError for the first impossible value, naming its key."""
+def validate(cfg: ExperimentConfig, source: Any) -> None:
+    """Raise ConfigError for the first impossible value, naming its key.
 
-    def fail(key: str, problem: str) -> typing.NoReturn:
-        raise ConfigError(f"{source}: {key}: {problem}")
+    A problem with a value the user did not set (a default, or one derived from another key) names
+    the key the user did set. ``source`` is the file's name (every key counts as set), or the
+    record of a load with the keys set and the overrides that set them.
+    """
+
+    def fail(key: str, problem: str, *related: str) -> typing.NoReturn:
+        """``related``: other keys the problem involves; an override that set one is named."""
+        raise ConfigError(f"{_where(source, key, *related)}: {key}: {problem}")
+
+    def given(key: str) -> bool:
+        return source.set_by_user(key) if isinstance(source, _Source) else True
 
     m = cfg.model
     try:
@@ -497,28 +610,41 @@ def validate(cfg: ExperimentConfig, source: str) -> None:
         fail("model.mask_ratio", f"must be strictly between 0 and 1, got {m.mask_ratio}")
     num_patches = math.prod(s // patch for s in m.img_size)
     if int(num_patches * (1 - m.mask_ratio)) < 1:
-        fail("model.mask_ratio", f"leaves no visible patch out of {num_patches}")
+        if given("model.mask_ratio"):
+            fail("model.mask_ratio", f"leaves no visible patch out of {num_patches}", "model.img_size")
+        fail("model.img_size", f"{list(m.img_size)} makes only {num_patches} patch(es) of {patch}, and the default "
+             f"model.mask_ratio {m.mask_ratio} hides all of them; use a larger img_size or set model.mask_ratio")
     size = cfg.size
     for key in ("embed_dim", "depth", "num_heads", "decoder_dim", "decoder_depth", "decoder_heads"):
         if getattr(size, key) < 1:
             fail(f"model.{key}", f"must be at least 1, got {getattr(size, key)}")
-    if size.embed_dim % size.num_heads:
-        fail("model.num_heads", f"embed_dim {size.embed_dim} is not divisible by num_heads {size.num_heads}")
-    if size.decoder_dim % size.decoder_heads:
-        fail("model.decoder_heads", f"decoder_dim {size.decoder_dim} is not divisible by decoder_heads {size.decoder_heads}")
-    if size.embed_dim < 2 * dims * 2 or size.decoder_dim < 2 * dims * 2:
-        fail("model.embed_dim", f"too small for a {dims}D sin-cos position embedding")
+    for dim_key, heads_key in (("embed_dim", "num_heads"), ("decoder_dim", "decoder_heads")):
+        dim, heads = getattr(size, dim_key), getattr(size, heads_key)
+        if dim % heads:
+            if getattr(m, heads_key) is None:  # the heads come from the named size: blame the width that was set
+                fail(f"model.{dim_key}", f"{dim} is not divisible by {m.name}'s {heads} heads; choose a multiple of "
+                     f"{heads} or set model.{heads_key} too")
+            fail(f"model.{heads_key}", f"{dim_key} {dim} is not divisible by {heads_key} {heads}", f"model.{dim_key}")
+    for dim_key in ("embed_dim", "decoder_dim"):
+        if getattr(size, dim_key) < 2 * dims * 2:
+            fail(f"model.{dim_key}", f"{getattr(size, dim_key)} is too small for a {dims}D sin-cos position embedding "
+                 f"(needs at least {2 * dims * 2})")
     if m.mlp_ratio <= 0:
         fail("model.mlp_ratio", f"must be positive, got {m.mlp_ratio}")
     if cfg.task.type == "segmentation":
         if patch & (patch - 1) or patch < 4:
             fail("model.name", f"the UNETR decoder needs a power-of-two patch size of at least 4, got {patch}")
         taps = int(math.log2(patch)) - 1
+        if m.skip_blocks is None and size.depth < taps + 1:  # the skips are derived from the depth
+            depth_key = "model.depth" if m.depth is not None else "model.name"
+            fail(depth_key, f"{size.depth} is too shallow for UNETR's skip connections: patch {patch} taps {taps} "
+                 f"blocks before the last (needs depth >= {taps + 1}, or set model.skip_blocks)")
         skips = cfg.skip_blocks
         if len(skips) != taps:
             fail("model.skip_blocks", f"patch {patch} needs {taps} skip blocks, got {list(skips)}")
         if any(not 1 <= b < size.depth for b in skips) or list(skips) != sorted(set(skips)):
-            fail("model.skip_blocks", f"need increasing block numbers in 1..{size.depth - 1}, got {list(skips)}")
+            fail("model.skip_blocks", f"need increasing block numbers in 1..{size.depth - 1}, got {list(skips)}",
+                 "model.depth")
         if m.feature_size < 1:
             fail("model.feature_size", f"must be at least 1, got {m.feature_size}")
 
@@ -530,6 +656,9 @@ def validate(cfg: ExperimentConfig, source: str) -> None:
         fail("data.image_size", f"must be at least model.img_size {list(m.img_size)} on every side, got {list(image_size)}")
     if d.source == "synthetic":
         if any(s < 16 for s in image_size):
+            if d.image_size is None:  # the images are made at the model's input size
+                fail("model.img_size", f"the built-in generator makes images of model.img_size (data.image_size is "
+                     f"null) and needs sides of at least 16, got {list(image_size)}; set data.image_size")
             fail("data.image_size", f"the built-in generator needs sides of at least 16, got {list(image_size)}")
         if d.cases_per_site < 4:
             fail("data.cases_per_site", f"must be at least 4 (train, validation and test need cases), got {d.cases_per_site}")
@@ -551,7 +680,10 @@ def validate(cfg: ExperimentConfig, source: str) -> None:
         if not 0.0 < getattr(d, key) < 1.0:
             fail(f"data.{key}", f"must be strictly between 0 and 1, got {getattr(d, key)}")
     if d.val_fraction + d.test_fraction >= 0.9:
-        fail("data.test_fraction", "val_fraction + test_fraction leave under 10% of cases for training")
+        fraction_key = "data.val_fraction" if given("data.val_fraction") and not given("data.test_fraction") else \
+            "data.test_fraction"
+        fail(fraction_key, f"val_fraction {d.val_fraction} + test_fraction {d.test_fraction} leave under 10% of cases "
+             "for training", "data.val_fraction", "data.test_fraction")
     if d.spacing is not None and (len(d.spacing) != dims or any(s <= 0 for s in d.spacing)):
         fail("data.spacing", f"needs {dims} positive voxel sizes in mm, got {list(d.spacing)}")
     if not d.window[0] < d.window[1]:
@@ -585,7 +717,11 @@ def validate(cfg: ExperimentConfig, source: str) -> None:
         if s.epochs < 1:
             fail(f"{section}.epochs", f"must be at least 1, got {s.epochs}")
         if not 0 <= s.warmup_epochs <= s.epochs:
-            fail(f"{section}.warmup_epochs", f"must be between 0 and epochs ({s.epochs}), got {s.warmup_epochs}")
+            if not given(f"{section}.warmup_epochs"):
+                fail(f"{section}.epochs", f"{s.epochs} is fewer than the default {section}.warmup_epochs "
+                     f"({s.warmup_epochs}); set {section}.warmup_epochs too (0 to {s.epochs})")
+            fail(f"{section}.warmup_epochs", f"must be between 0 and epochs ({s.epochs}), got {s.warmup_epochs}",
+                 f"{section}.epochs")
         if s.batch_size < 1:
             fail(f"{section}.batch_size", f"must be at least 1, got {s.batch_size}")
         if s.base_lr <= 0 or s.min_lr < 0:
@@ -609,10 +745,9 @@ def validate(cfg: ExperimentConfig, source: str) -> None:
     if not 0.0 <= f.sw_overlap < 1.0:
         fail("finetune.sw_overlap", f"must be in [0, 1), got {f.sw_overlap}")
     fed = cfg.federated
-    for key, total in (("local_epochs", "pretrain"), ("finetune_local_epochs", "finetune")):
-        per_round, epochs = getattr(fed, key), getattr(cfg, total).epochs
-        if per_round < 1 or epochs % per_round:
-            fail(f"federated.{key}", f"must be at least 1 and divide {total}.epochs ({epochs}), got {per_round}")
+    for key in ("local_epochs", "finetune_local_epochs"):
+        if getattr(fed, key) < 1:  # whether it divides the epochs matters to federated runs only: validate_federated
+            fail(f"federated.{key}", f"must be at least 1, got {getattr(fed, key)}")
     if not 0.0 < fed.fraction_train <= 1.0:
         fail("federated.fraction_train", f"must be in (0, 1], got {fed.fraction_train}")
     if fed.min_sites < 1:
@@ -626,7 +761,7 @@ def validate(cfg: ExperimentConfig, source: str) -> None:
         fail("federated.start_from", f"needs 'random' or a pre-training checkpoint; {fed.start_from} is not a file")
     if fed.start_from is not None and fed.finetune == "none":
         fail("federated.start_from", "skips pre-training, so federated.finetune must be federated or local")
-    _validate_privacy(fed, fail)
+    _validate_privacy(fed, fail, given)
     c = cfg.compare
     unknown = [a for a in c.arms if a not in ARMS]
     if unknown or not c.arms or len(set(c.arms)) != len(c.arms):
@@ -642,3 +777,25 @@ def validate(cfg: ExperimentConfig, source: str) -> None:
         fail("compare.parallel", f"must be auto or at least 1, got {c.parallel}")
     if cfg.device != "auto" and cfg.device != "cpu" and not cfg.device.startswith("cuda"):
         fail("device", f"must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+
+
+def validate_federated(cfg: ExperimentConfig, source: str | Path | None = None, *, pretrain: bool | None = None,
+                       finetune: bool | None = None) -> None:
+    """Refuse, in one line, settings a federated run cannot use: rounds of
+    ``federated.local_epochs`` that do not add up to ``pretrain.epochs`` (and the same for
+    fine-tuning). Centralised ``fedmae pretrain`` / ``finetune`` never read these, so
+    :func:`load_config` does not check them; call this where a federated run starts.
+
+    ``pretrain`` / ``finetune``: whether the run pre-trains / fine-tunes federatedly; default:
+    as the federated section says (pre-training unless ``start_from``, fine-tuning when
+    ``federated.finetune`` is federated). ``source``: the file, named in the message.
+    """
+    fed = cfg.federated
+    pretrain = fed.start_from is None if pretrain is None else pretrain
+    finetune = fed.finetune == "federated" if finetune is None else finetune
+    where = f"{source}: " if source is not None else ""
+    for key, total, used in (("local_epochs", "pretrain", pretrain), ("finetune_local_epochs", "finetune", finetune)):
+        per_round, epochs = getattr(fed, key), getattr(cfg, total).epochs
+        if used and (per_round < 1 or epochs % per_round):
+            raise ConfigError(f"{where}federated.{key}: must be at least 1 and divide {total}.epochs ({epochs}), "
+                              f"got {per_round}")

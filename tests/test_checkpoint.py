@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
+import logging
 import os
 import pickle
 import subprocess
+import warnings
 
 import pytest
 import torch
 
-from fedmae.checkpoint import CheckpointError, digest_path, load_checkpoint, save_checkpoint
+from fedmae.checkpoint import CheckpointError, digest_path, load_checkpoint, load_encoder_checkpoint, save_checkpoint
 
 
 def save_small(path, **kwargs):
@@ -52,18 +55,32 @@ def test_pickled_objects_are_refused_not_executed(tmp_path):
     marker = "/tmp/fedmae-pwned"
     if os.path.exists(marker):
         os.remove(marker)
-    with pytest.raises(CheckpointError, match="not a readable fedmae checkpoint"):
+    with pytest.raises(CheckpointError, match=r"not a readable fedmae checkpoint \(it holds a pickled Python object "
+                                              r"\(posix.system\)") as info:
         load_checkpoint(path)
     assert not os.path.exists(marker)
+    assert not any(advice in str(info.value) for advice in UNSAFE_ADVICE)
 
 
-@pytest.mark.parametrize("content,words", [
+UNSAFE_ADVICE = ("weights_only", "allow_pickle", "add_safe_globals", "trust")
+
+
+UNUSABLE = [
     (None, "checkpoint file not found"),
-    (b"", "not a readable fedmae checkpoint"),
+    (b"", "not a readable fedmae checkpoint (the file is empty)"),
+    (bytes(range(256)) * 8, "not a readable fedmae checkpoint (not a PyTorch file"),
+    (pickle.dumps({"model": {"w": [1.0]}}), "not a readable fedmae checkpoint (not a PyTorch file"),
+    (pickle.dumps({"format": "fedmae-checkpoint", "model": argparse.Namespace()}, protocol=2),
+     "it holds a pickled Python object (argparse.Namespace)"),
     ("truncated", "SHA-256 differs from c.pt.sha256"),
     ("truncated, no manifest", "not a readable fedmae checkpoint"),
     ("foreign", "not a fedmae checkpoint"),
-])
+]
+UNUSABLE_IDS = ["missing", "empty", "random-bytes", "plain-pickle", "pickled-object", "truncated",
+                "truncated-no-manifest", "foreign"]
+
+
+@pytest.mark.parametrize("content,words", UNUSABLE, ids=UNUSABLE_IDS)
 def test_unusable_files_give_one_line(tmp_path, content, words):
     path = tmp_path / "c.pt"
     if isinstance(content, str) and content.startswith("truncated"):
@@ -75,9 +92,12 @@ def test_unusable_files_give_one_line(tmp_path, content, words):
         torch.save({"state_dict": {}}, path)
     elif content is not None:
         path.write_bytes(content)
-    with pytest.raises(CheckpointError) as info:
+    with pytest.raises(CheckpointError) as info, warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
         load_checkpoint(path)
+    assert not warned, [str(w.message) for w in warned]  # a warning would be more lines on stderr
     assert words in str(info.value) and "\n" not in str(info.value)
+    assert not any(advice in str(info.value) for advice in UNSAFE_ADVICE), str(info.value)
 
 
 def test_wrong_kind_is_refused(tmp_path):
@@ -96,3 +116,35 @@ def test_an_altered_checkpoint_is_refused_and_the_manifest_is_sha256sum_format(t
     with pytest.raises(CheckpointError, match="c.pt: SHA-256 differs from c.pt.sha256"):
         load_checkpoint(path)
 
+
+
+ENCODER = {"encoder.w": torch.ones(2), "decoder.w": torch.zeros(2)}
+
+
+@pytest.mark.parametrize("kind,extra,words", [
+    ("mae", {}, "an MAE pre-training checkpoint (epoch 1); its decoder is not used"),
+    ("global", {"phase": "pretrain", "round": 4}, "a federated pre-trained global model (round 4); its decoder"),
+    ("finetune", {"task": {"type": "segmentation", "class_names": ["background", "liver"]}},
+     "a fine-tuned model (task segmentation: background, liver, epoch 1); its task head is not used"),
+    ("global", {"phase": "finetune", "round": 2}, "a federated fine-tuned global model (round 2); its task head"),
+])
+def test_an_encoder_is_taken_from_pretraining_and_finetuned_checkpoints_with_one_line(tmp_path, caplog, kind, extra,
+                                                                                      words):
+    path = save_small(tmp_path / "c.pt", kind=kind, model_state=ENCODER, extra=extra)
+    with caplog.at_level(logging.INFO, logger="fedmae.checkpoint"):
+        payload = load_encoder_checkpoint(path)
+    assert payload["kind"] == kind
+    (line,) = [r.getMessage() for r in caplog.records if "using only the encoder" in r.getMessage()]
+    assert line == f"using only the encoder of {path}: {words}" or words in line, line
+
+
+@pytest.mark.parametrize("kind,state,words", [
+    ("site", ENCODER, "a site's own state between rounds (site site-0, pretrain), not an encoder to start from"),
+    ("other", ENCODER, "a 'other' checkpoint, not one with an encoder to start from"),
+    ("mae", {"decoder.w": torch.zeros(2)}, "holds no encoder weights"),
+])
+def test_checkpoints_without_a_usable_encoder_are_refused_in_one_line(tmp_path, kind, state, words):
+    path = save_small(tmp_path / "c.pt", kind=kind, model_state=state, extra={"site": "site-0", "phase": "pretrain"})
+    with pytest.raises(CheckpointError) as info:
+        load_encoder_checkpoint(path)
+    assert str(info.value).startswith(f"{path}: ") and words in str(info.value) and "\n" not in str(info.value)

@@ -109,3 +109,37 @@ def test_inspect_reports_faults_planted_in_a_chestxray14_copy(tmp_path):
     assert "00000002_000.png: cannot be read as an image" in out
     assert f"{name_5}: unknown finding 'Cardiomegally'" in out
     assert "stray.png: PNG not listed in Data_Entry_2017.csv" in out
+
+
+def test_inspect_says_what_a_run_would_do_and_does_none_of_it(tmp_path, monkeypatch, capsys, caplog):
+    from fedmae.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    root = write_decathlon(tmp_path / "ct", num_training=8, num_test=0)
+    (root / "imagesTr" / "abdomen_002.nii.gz").write_bytes(b"not a nifti")
+    assert main(["data", "inspect", str(root)]) == 1
+    out = capsys.readouterr().out
+    assert out.rstrip().splitlines()[-1] == (
+        "a run would stop at the first problem; with data.skip_bad_cases: true it would leave these 1 case(s) out "
+        "(as the sites table above does) and list them in bad_cases.csv; inspect itself only reports and writes no "
+        "bad_cases.csv")
+
+    raw = tiny_raw(3, "segmentation", **BUDGET, data={"source": "decathlon", "root": str(root), "partition": "iid",
+                                                      "num_sites": 2, "skip_bad_cases": True})
+    assert main(["data", "inspect", str(write_config(tmp_path, raw))]) == 1
+    assert "this config has data.skip_bad_cases: true, so a run would leave these 1 case(s) out" in capsys.readouterr().out
+    # Nothing was left out of anything or written: no warning saying so, no bad_cases.csv, no split file.
+    assert not [r for r in caplog.records if "leaving out" in r.getMessage()]
+    assert not list(tmp_path.rglob("bad_cases.csv")) and [p.name for p in tmp_path.rglob("*.json")] == ["dataset.json"]
+
+
+def test_inspect_of_a_folder_honours_set(tmp_path, capsys):
+    from fedmae.cli import main
+
+    root = write_decathlon(tmp_path / "ct", num_training=8, num_test=0)
+    (root / "imagesTr" / "abdomen_002.nii.gz").write_bytes(b"not a nifti")
+    assert main(["data", "inspect", str(root), "--set", "data.skip_bad_cases=true"]) == 1
+    assert "this config has data.skip_bad_cases: true" in capsys.readouterr().out
+    assert main(["data", "inspect", str(root), "--set", "data.bogus=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--set data.bogus=1" in err and "unknown key" in err

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedmae.config import ConfigError, ExperimentConfig, default_skip_blocks, load_config
+from fedmae.config import ConfigError, ExperimentConfig, default_skip_blocks, load_config, validate_federated
 from fedmae.models.factory import build_finetune_model, build_mae
 from tests.tiny import tiny_raw
 
@@ -90,6 +90,68 @@ def test_invalid_yaml_and_missing_file(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "absent.yaml")
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "# only a comment\n", "---\n"])
+def test_an_empty_file_is_refused_but_braces_mean_all_defaults(tmp_path, text):
+    path = tmp_path / "experiment.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=r"experiment.yaml: the file is empty .* see configs/"):
+        load_config(path)
+    path.write_text("{}\n")
+    assert load_config(path) == ExperimentConfig()
+
+
+def test_duplicate_keys_are_refused_but_merge_keys_are_not(tmp_path):
+    path = tmp_path / "experiment.yaml"
+    path.write_text("task:\n  type: classification\n  regions: {TC: [1], TC: [2]}\n")
+    with pytest.raises(ConfigError, match=r"'task.regions.TC' is given twice \(lines 3 and 3\)"):
+        load_config(path)
+    # `<<: *anchor` then a key of the anchored mapping is YAML's way to override it, not a duplicate.
+    path.write_text("pretrain: &budget\n  epochs: 4\n  warmup_epochs: 1\nfinetune:\n  <<: *budget\n  epochs: 6\n")
+    cfg = load_config(path)
+    assert (cfg.pretrain.epochs, cfg.finetune.epochs, cfg.finetune.warmup_epochs) == (4, 6, 1)
+
+
+def test_an_empty_section_takes_overrides(tmp_path):
+    path = tmp_path / "experiment.yaml"
+    path.write_text("pretrain:\n")
+    assert load_config(path, ["pretrain.epochs=20"]).pretrain.epochs == 20
+
+
+def test_federated_rounds_are_checked_for_federated_runs_only(tmp_path):
+    # fedmae pretrain / finetune never read federated.local_epochs: they must not be refused over it.
+    path = write(tmp_path, tiny_raw(2, federated={"local_epochs": 2, "finetune_local_epochs": 2}, pretrain={"epochs": 3}))
+    cfg = load_config(path)
+    with pytest.raises(ConfigError, match=r"experiment.yaml: federated.local_epochs: must be at least 1 and divide "
+                                          r"pretrain.epochs \(3\), got 2"):
+        validate_federated(cfg, path)
+    validate_federated(cfg, path, pretrain=False, finetune=False)
+    with pytest.raises(ConfigError, match=r"federated.finetune_local_epochs: .* divide finetune.epochs \(3\), got 2"):
+        validate_federated(cfg, pretrain=False)
+    # start_from skips federated pre-training; federated.finetune: local has no federated fine-tuning rounds.
+    start = tmp_path / "encoder.pt"
+    start.write_bytes(b"")
+    validate_federated(load_config(path, [f"federated.start_from={start}", "federated.finetune=local"]))
+    with pytest.raises(ConfigError, match="federated.local_epochs: must be at least 1, got 0"):
+        load_config(path, ["federated.local_epochs=0"])  # never a usable value, whatever the command
+
+
+def test_differential_privacy_accepts_fedprox_as_documented(tmp_path):
+    raw = tiny_raw(2, federated={"strategy": "fedprox", "privacy": {"dp": "server"}})
+    assert load_config(write(tmp_path, raw)).federated.strategy == "fedprox"
+    raw["federated"]["strategy"] = "fedadam"
+    with pytest.raises(ConfigError, match="federated.strategy: differential privacy needs fedavg or fedprox"):
+        load_config(write(tmp_path, raw))
+
+
+def test_secure_aggregation_blames_the_key_that_was_set(tmp_path):
+    raw = tiny_raw(2, federated={"privacy": {"secure_aggregation": True, "secagg_shares": 2}})
+    with pytest.raises(ConfigError, match=r"federated.privacy.secagg_shares: need 2 <= secagg_threshold"):
+        load_config(write(tmp_path, raw))
+    raw["federated"]["privacy"].update(secagg_shares=3, secagg_threshold=3)
+    with pytest.raises(ConfigError, match=r"federated.privacy.secagg_threshold: need 2 <= secagg_threshold"):
+        load_config(write(tmp_path, raw))
 
 
 @pytest.mark.parametrize("depth,patch,expected", [(12, 16, (4, 7, 10)), (6, 16, (2, 4, 5)), (4, 16, (1, 2, 3)), (12, 8, (4, 8)), (24, 16, (8, 14, 20))])

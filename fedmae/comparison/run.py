@@ -31,11 +31,13 @@ from fedmae.comparison import arms, plots
 from fedmae.comparison.arms import ARM_TITLES
 from fedmae.comparison.report import summarise, tables, write_report
 from fedmae.comparison.schedule import Task, resolve_parallel, run_tasks, worker_cores
-from fedmae.config import ExperimentConfig
+from fedmae.config import ExperimentConfig, validate_federated
 from fedmae.data.cohort import Cohort, load_cohort
 from fedmae.engine.finetune import finetune
-from fedmae.engine.runs import check_resume_config
+from fedmae.engine.runs import check_output_dir, check_resume_config, claim_output_dir
 from fedmae.evaluation import finite_or_null, weighted_mean
+from fedmae.federated.run_record import failure, finished_summary
+from fedmae.federated.settings import check_site_count
 from fedmae.federated.site import scalar_metrics
 
 log = logging.getLogger(__name__)
@@ -60,9 +62,12 @@ class ProgressLine:
         stream.flush()
 
 
-def run_comparison(cfg: ExperimentConfig, config_path: Path, overrides: list[str], out: Path) -> Path:
-    """Every arm (resuming), then the report and plots; prints the table; returns report.md."""
+def run_comparison(cfg: ExperimentConfig, config_path: Path, overrides: list[str], out: Path, force: bool = False) -> Path:
+    """Every arm (resuming), then the report and plots; prints the table; returns report.md.
+    ``force``: start over in ``out`` instead of resuming (see :func:`claim`)."""
     out = Path(out).absolute()
+    validate_federated(cfg, config_path, pretrain="federated" in cfg.compare.arms, finetune=cfg.compare.finetune == "federated")
+    claim(out, cfg, force)
     cohorts: dict[int, Cohort] = {}
     results = compare(cfg, config_path, overrides, out, cohorts=cohorts)
     figures = {
@@ -95,7 +100,7 @@ def compare(cfg: ExperimentConfig, config_path: Path, overrides: list[str], out:
     cohorts = {} if cohorts is None else cohorts
     progress = progress or ProgressLine()
     out = Path(out).absolute()
-    _claim(out, cfg)
+    claim(out, cfg)
     finished: dict[tuple[int, str], dict[str, Any]] = {}
     tasks: list[Task] = []
     for seed in cfg.compare.seeds:
@@ -109,6 +114,8 @@ def compare(cfg: ExperimentConfig, config_path: Path, overrides: list[str], out:
                 continue
             if seed not in cohorts:
                 cohorts[seed] = load_cohort(seed_cfg, report_dir=seed_dir)
+                if uses_flower(cfg):  # impossible federation settings end here, not after the other arms ran
+                    check_site_count(seed_cfg, len(cohorts[seed].sites))
             tasks += arm_tasks(arm, seed_cfg, cohorts[seed], seed_dir / arm, config_path, overrides, progress)
     workers, share = resolve_parallel(cfg.compare.parallel, len(tasks))
     if workers > 1:
@@ -219,12 +226,12 @@ def _finetune_federated(arm: str, cfg: ExperimentConfig, cohort: Cohort, encoder
 
     started = time.monotonic()
     if arm == "federated":
-        summary = folder / "flower" / "summary.json"
+        summary = finished_summary(folder / "flower")
     else:
         (start,) = set(encoders.values())  # validated: federated fine-tuning needs one encoder for all sites
         run = folder / "flower-finetune"
-        summary = run / "summary.json"
-        if not summary.is_file():
+        summary = finished_summary(run)
+        if summary is None:
             progress("federated fine-tuning on Flower's simulation engine")
             folder.mkdir(parents=True, exist_ok=True)
             with (folder / "flower.log").open("ab") as stream:
@@ -232,20 +239,28 @@ def _finetune_federated(arm: str, cfg: ExperimentConfig, cohort: Cohort, encoder
                                                 f"federated.start_from={start or 'random'}"],
                                   cfg, len(cohort.sites), run, resume=(run / "global").exists(), stream=stream,
                                   cpus=worker_cores())
-            if status != 0 or not summary.is_file():
-                raise RuntimeError(f"federated fine-tuning of the {arm} arm failed (exit status {status}); see {folder / 'flower.log'}")
-    test = json.loads(summary.read_text())["finetune"]["test"]["sites"]
+            summary = finished_summary(run)
+            if summary is None:  # flwr run exits 0 even when the ServerApp raised: fedmae's record decides
+                raise RuntimeError(f"federated fine-tuning of the {arm} arm failed "
+                                   f"({failure(run) or f'exit status {status}'}); see {folder / 'flower.log'}")
+    test = summary["finetune"]["test"]["sites"]
     per_site = {site: {k: (float("nan") if v is None else float(v)) for k, v in metrics.items()} for site, metrics in test.items()}
     return per_site, time.monotonic() - started
 
 
-def _claim(out: Path, cfg: ExperimentConfig) -> None:
-    """Record the config, or check that a rerun uses the one the comparison started with."""
+def claim(out: Path, cfg: ExperimentConfig, force: bool = False) -> None:
+    """Check the folder and that a rerun uses the config the comparison started with; only then
+    record the config. ``force``: start the comparison over (its seeds, results and plots go)."""
     stored = out / "config.yaml"
-    if stored.is_file():
+    check_output_dir(out, "compare", cfg, holds_run=stored.is_file(), resume=not force, force=force)
+    if stored.is_file() and not force:
         check_resume_config(yaml.safe_load(stored.read_text()), cfg, stored)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(stored, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    previous = [p.name for p in out.glob("seed-*")] + ["results.json", "results.csv", "report.md", "plots"]
+    claim_output_dir(out, "compare", cfg, force=force, previous_outputs=previous)
+
+
+def uses_flower(cfg: ExperimentConfig) -> bool:
+    return "federated" in cfg.compare.arms or cfg.compare.finetune == "federated"
 
 
 def _fmt(value: float | None) -> str:
