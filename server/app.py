@@ -18,16 +18,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.exception import PrivacyBudgetExhausted
+from flwr.supercore.exit import add_exit_handler
 
-from fedmae.config import ExperimentConfig
+from fedmae.config import ExperimentConfig, validate_federated
 from fedmae.engine.loop import MetricsLog
-from fedmae.evaluation import finite_or_null, weighted_mean
+from fedmae.evaluation import weighted_mean
 from fedmae.federated.flower_logging import log_through_flower
 from fedmae.federated.global_model import GlobalCheckpoints, frozen_keys, initial_encoder, initial_finetune_model
+from fedmae.federated.run_record import SUMMARY, open_federated_run, write_summary
 from fedmae.federated.settings import check_site_count, experiment_config, output_dir
 from fedmae.federated.updates import to_wire
 from fedmae.models.state import ENCODER_PREFIX
@@ -36,6 +37,7 @@ from server.secure_aggregation import secure_round
 from server.strategy import build_strategy
 
 log = logging.getLogger("fedmae.server")
+WAIT_REPORT_EVERY = 30.0  # seconds between "waiting for sites" lines
 app = ServerApp()
 
 
@@ -44,28 +46,53 @@ def main(grid: Grid, context: Context) -> None:
     log_through_flower()
     run_config = dict(context.run_config)
     cfg = experiment_config(run_config)
-    FederatedRun(grid, cfg, output_dir(run_config, cfg), resume=bool(run_config.get("resume", False))).run()
+    federated = FederatedRun(grid, cfg, output_dir(run_config, cfg), resume=bool(run_config.get("resume", False)))
+    # Stopped from outside (the SuperLink or its SuperExec went away, a signal), Flower's exit
+    # handlers run and then the process is ended within seconds: fedmae's own code may never see
+    # an exception, so the record is written from one of those handlers.
+    add_exit_handler(federated.record_stop, run_before_force_exit=True)
+    federated.run()
 
 
 class FederatedRun:
     def __init__(self, grid: Grid, cfg: ExperimentConfig, out: Path, resume: bool):
         self.grid, self.cfg, self.out, self.resume = grid, cfg, Path(out), resume
         self.checkpoints = GlobalCheckpoints(self.out / "global", cfg)
-        if not resume and self.checkpoints.last("pretrain").exists():
-            raise FileExistsError(f"{self.out} already holds a federated run; set resume=true to continue it "
-                                  "or choose another output-dir")
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        open_federated_run(self.out, cfg, resume=resume, option="output-dir")
         self.log = MetricsLog(self.out / "rounds.jsonl")
         self.site_names: dict[int, str] = {}
+        self.asked: dict[str, int] = {}  # message id -> the node it went to, of the last ask()
         self.site_images: dict[int, int] = {}
         self.summary: dict[str, Any] = {"output_dir": str(self.out), "config": cfg.to_dict()}
         self.accountant = None
 
     def run(self) -> dict[str, Any]:
+        """Every phase; ``summary.json`` records the run as running, then done or failed (with why)."""
+        write_summary(self.out, self.summary, "running")
+        try:
+            self._run()
+        except BaseException as err:
+            write_summary(self.out, self.summary, "failed", error=f"{type(err).__name__}: {err}")
+            raise
+        return self.summary
+
+    def record_stop(self) -> None:
+        """The ServerApp process is being ended from outside: a run still recorded as running is
+        recorded as failed (one that ended, done or failed, is left as it is)."""
+        try:
+            running = json.loads((self.out / SUMMARY).read_text()).get("status") == "running"
+        except (OSError, ValueError):
+            return
+        if running:
+            write_summary(self.out, self.summary, "failed",
+                          error="stopped from outside while running (the SuperLink or its SuperExec stopped, or the "
+                                "ServerApp process was signalled); resume=true continues from the last global checkpoint")
+
+    def _run(self) -> None:
         started = time.monotonic()
         sites = self.describe_sites()
         check_site_count(self.cfg, len(sites))
+        validate_federated(self.cfg)
         if self.cfg.federated.privacy.dp != "none":
             self.accountant = new_accountant(self.cfg.federated.privacy, len(sites), self._saved_ledger())
         start = self.cfg.federated.start_from
@@ -78,24 +105,35 @@ class FederatedRun:
         if self.accountant is not None:
             self.summary["privacy"] = spent(self.accountant, self.cfg.federated.privacy)
         self.summary["seconds"] = round(time.monotonic() - started, 1)
-        (self.out / "summary.json").write_text(json.dumps(finite_or_null(self.summary), indent=2))
+        write_summary(self.out, self.summary, "done")
         log.info("federated run done in %.0f s; outputs in %s", self.summary["seconds"], self.out)
-        return self.summary
 
     # ---- sites -------------------------------------------------------------------------------
 
     def describe_sites(self) -> dict[int, dict[str, Any]]:
-        """Wait for at least ``min_sites`` sites, then ask each for its name and task outputs."""
+        """Wait for at least ``min_sites`` sites (up to ``round_timeout``, saying every
+        ``WAIT_REPORT_EVERY`` s how many are connected), then ask each for its name and task outputs."""
         fed = self.cfg.federated
-        deadline = time.monotonic() + fed.round_timeout
+        started = time.monotonic()
+        reported = started
         nodes = list(self.grid.get_node_ids())
-        while len(nodes) < fed.min_sites and time.monotonic() < deadline:
+        while len(nodes) < fed.min_sites:
+            waited = time.monotonic() - started
+            if waited >= fed.round_timeout:
+                raise RuntimeError(f"{len(nodes)} site(s) connected within federated.round_timeout={fed.round_timeout:g} s; "
+                                   f"federated.min_sites is {fed.min_sites}: start the missing sites' SuperNodes "
+                                   "or lower federated.min_sites")
+            if time.monotonic() - reported >= WAIT_REPORT_EVERY:
+                reported = time.monotonic()
+                log.info("waiting for sites: %d of federated.min_sites=%d connected (nodes %s) after %.0f s; "
+                         "giving up after federated.round_timeout=%g s", len(nodes), fed.min_sites,
+                         ", ".join(map(str, nodes)) or "none", waited, fed.round_timeout)
             time.sleep(1.0)
             nodes = list(self.grid.get_node_ids())
         replies = self.ask(nodes, ConfigRecord({"phase": "describe"}))
         sites = {}
         for reply in replies:
-            node = reply.metadata.src_node_id
+            node = self.asked.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
             if reply.has_error():
                 log.warning("site on node %d could not describe itself: %s", node, reply.error.reason)
                 continue
@@ -119,7 +157,11 @@ class FederatedRun:
             content["arrays"] = ArrayRecord(to_wire(arrays, self.cfg.federated.transport))
             config["transport"] = self.cfg.federated.transport
         messages = [Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=n) for n in nodes]
-        return list(self.grid.send_and_receive(messages, timeout=self.cfg.federated.round_timeout))
+        replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.federated.round_timeout))
+        # Which node each reply is about: an error the SuperLink writes for a silent node ("Node
+        # Unavailable") comes from the SuperLink's own node id. (The Grid set the ids on sending.)
+        self.asked = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        return replies
 
     # ---- phases ------------------------------------------------------------------------------
 
@@ -180,7 +222,8 @@ class FederatedRun:
     def _site_metrics(self, replies: list[Message]) -> dict[str, dict[str, float]]:
         per_site = {}
         for reply in replies:
-            site = self.site_names.get(reply.metadata.src_node_id, str(reply.metadata.src_node_id))
+            node = self.asked.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            site = self.site_names.get(node, f"node {node}")
             if reply.has_error():
                 log.warning("site %s failed: %s", site, reply.error.reason)
                 continue
@@ -189,6 +232,8 @@ class FederatedRun:
 
     def _rounds(self, phase: str, num_sites: int, state: dict[str, torch.Tensor], done: int, total: int) -> dict[str, torch.Tensor]:
         """Rounds done+1 .. total of ``phase``, checkpointing the global model after each."""
+        if self.resume:
+            self._mark_resume(phase, done)
         evaluate_extra = {"split": "val"} if phase == "finetune" else {}
         fixed = frozen_keys(self.cfg, phase) if self.accountant is not None else []
         strategy = build_strategy(self.cfg, phase, num_sites, accountant=self.accountant, round_offset=done,
@@ -251,6 +296,17 @@ class FederatedRun:
             messages = strategy.configure_evaluate(server_round, ArrayRecord(state), ConfigRecord(), self.grid)
             strategy.aggregate_evaluate(server_round, self.grid.send_and_receive(messages, timeout=fed.round_timeout))
             after_round(server_round, ArrayRecord(state))
+
+    def _mark_resume(self, phase: str, done: int) -> None:
+        """On resume, one line in rounds.jsonl: ``phase``'s records of rounds after ``done`` written
+        before it are superseded, since those rounds are trained again (a round averaged before the
+        stop but not checkpointed is listed twice otherwise, as if averaged twice). The log stays
+        append-only: a reader may be following it."""
+        redone = sorted({int(r["round"]) for r in self.log.read() if r.get("phase") == phase and int(r.get("round") or 0) > done})
+        self.log.write({"phase": phase, "resumed_after_round": done, "superseded_rounds": redone})
+        if redone:
+            log.info("%s: round(s) %s were under way when the run stopped; they are trained again (their earlier "
+                     "records in rounds.jsonl are superseded)", phase, ", ".join(map(str, redone)))
 
     def _saved_ledger(self) -> str | None:
         """The privacy ledger of the newest global checkpoint when resuming (fine-tuning's if any)."""

@@ -4,7 +4,9 @@
 #   server/start-superlink.sh PKI_DIR STATE_DIR [PORT] [extra flower-superlink options]
 #
 # PKI_DIR   what `fedmae pki ca` / `fedmae pki server` wrote: ca/ca.crt, server/server.pem, server/server.key
-# STATE_DIR local disk (not NFS) for the SuperLink's database, superlink.db
+# STATE_DIR local disk (not NFS) for the SuperLink's database, superlink.db: the registered sites
+#           and the runs. After a crash, restart with the same command: the SuperNodes reconnect by
+#           themselves; continue the run with the same `flwr run` and resume=true (docs/deploy.md).
 # PORT      the one port the hospitals dial (default 9091); bound on FEDMAE_HOST (default 0.0.0.0)
 # Flower 1.42 serves sites, `flwr` commands and runs on PORT over HTTPS, and does not authenticate
 # `flwr` commands: allow only the hospitals and this machine through the firewall (docs/deploy.md,

@@ -67,6 +67,7 @@ class GuardedRounds:
         self.last_evaluation: dict[str, float] = {}
         self.reference: dict[str, torch.Tensor] = {}
         self.sampled: list[int] = []
+        self.requests: list[Message] = []  # this round's messages; the Grid sets their ids when it sends them
         self.round_started = 0.0
         self.kept_previous: list[int] = []
 
@@ -86,6 +87,7 @@ class GuardedRounds:
         self.reference = arrays.to_torch_state_dict()
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self.sampled = [m.metadata.dst_node_id for m in messages]
+        self.requests = messages
         self.round_started = time.monotonic()
         if self.transport != "fp32":
             # The strategy keeps the fp32 arrays it was given (FedAvgM / FedAdam need them); only
@@ -102,6 +104,7 @@ class GuardedRounds:
         for key, value in self.evaluate_extra.items():
             config[key] = value
         messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        self.requests = messages
         if self.transport != "fp32" and messages:
             wire = ArrayRecord(to_wire(arrays.to_torch_state_dict(), self.transport))
             for message in messages:
@@ -115,7 +118,7 @@ class GuardedRounds:
         per_site = {}
         for message in replies:
             if message.has_error():
-                self._record(run_round, self.site_names.get(message.metadata.src_node_id, "?"), "evaluation failed",
+                self._record(run_round, self.site_names.get(self._node_of(message), "?"), "evaluation failed",
                              reason=message.error.reason)
                 continue
             site = str(message.content["site"]["name"])
@@ -131,7 +134,7 @@ class GuardedRounds:
         usable: list[Message] = []
         answered = set()
         for message in replies:
-            node = message.metadata.src_node_id
+            node = self._node_of(message)
             answered.add(node)
             site = self.site_names.get(node, f"node {node}")
             if message.has_error():
@@ -220,6 +223,12 @@ class GuardedRounds:
         if isinstance(self.averaging, FedProx):
             config["proximal-mu"] = self.averaging.proximal_mu
         return config
+
+    def _node_of(self, reply: Message) -> int:
+        """The site a reply is about: the node its request went to. (An error the SuperLink writes in
+        place of a silent site's reply, "Node Unavailable", comes from the SuperLink's own node id.)"""
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self.requests}
+        return sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
 
     def _record(self, run_round: int, site: str, status: str, **fields: Any) -> None:
         if status != "ok":

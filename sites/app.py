@@ -20,15 +20,17 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.constant import ErrorCode
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
@@ -37,10 +39,11 @@ from fedmae.config import ExperimentConfig
 from fedmae.data.cohort import Cohort, SiteData, load_cohort
 from fedmae.federated.flower_logging import log_through_flower
 from fedmae.federated.settings import experiment_config, output_dir, site_config
-from fedmae.federated.site import SiteFinetuning, SitePretraining, scalar_metrics
+from fedmae.federated.site import SiteFinetuning, SitePretraining, SiteStateError, scalar_metrics
 from fedmae.federated.updates import TENSOR_NAMES, clip_update, from_wire, to_wire
 
 app = ClientApp()
+log = logging.getLogger("fedmae.site")
 
 
 @dataclasses.dataclass
@@ -128,7 +131,10 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     transport = str(config.get("transport", "fp32"))
     received = _global_model(msg.content["arrays"].to_torch_state_dict(), transport)
-    state, metrics = _train_round(run, config, received)
+    try:
+        state, metrics = _train_round(run, config, received)
+    except SiteStateError as err:
+        return _refuse(msg, err)
     return _reply(msg, run, metrics, ArrayRecord(to_wire(state, transport)))
 
 
@@ -182,7 +188,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     server_round = int(config.get("round", 0))
     if phase == "pretrain":
         trainer = run.pretrainer()
-        metrics = trainer.evaluate(received, server_round)
+        try:
+            metrics = trainer.evaluate(received, server_round)
+        except SiteStateError as err:
+            return _refuse(msg, err)
     elif phase == "finetune":
         trainer = run.finetuner()
         metrics = trainer.evaluate(received, str(config.get("split", "val")))
@@ -204,6 +213,13 @@ def _finetune_locally(run: SiteRun, encoder: dict[str, torch.Tensor]) -> dict[st
     result = finetune(run.cfg, folder / "run", encoder=init, resume=True, cohort=run.cohort)
     test = result.metrics["pooled"]
     return {**scalar_metrics(test), "num-examples": len(run.site.test)}
+
+
+def _refuse(msg: Message, err: SiteStateError) -> Message:
+    """A round this site does not take part in, said in one line here and (as the reply's error,
+    which the server logs as this site's failure) at the server; no traceback."""
+    log.error("%s", err)
+    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(err)), reply_to=msg)
 
 
 def _global_model(received: dict[str, torch.Tensor], transport: str) -> dict[str, torch.Tensor]:

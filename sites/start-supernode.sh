@@ -11,6 +11,10 @@
 # --state  where the site keeps its decoder and optimiser between rounds
 #          (default DATA_DIR/.fedmae-state, or ./fedmae-state/NAME without --data)
 # --port   the SuperNode's local port; differs per SuperNode on one host (default 9094)
+# After a crash, restart it with the same command about a minute later: until the SuperLink has
+# missed two heartbeats (2 x 30 s) it counts the old session as online and refuses this one
+# ("Failed to activate SuperNode", the process exits 1). A service manager can retry it
+# (systemd: Restart=on-failure, RestartSec=20). The site continues from its state in --state.
 set -euo pipefail
 fail() { echo "start-supernode: $*" >&2; exit 2; }
 superlink="" ca="" key="" site="" data="" state="" port=9094

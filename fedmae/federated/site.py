@@ -21,8 +21,9 @@ from typing import Any
 
 import torch
 
-from fedmae.checkpoint import load_checkpoint, remove_checkpoint, save_checkpoint
+from fedmae.checkpoint import CheckpointError, load_checkpoint, remove_checkpoint, save_checkpoint
 from fedmae.config import ExperimentConfig
+from fedmae.data.badfiles import BAD_CASES, BadFiles
 from fedmae.data.cohort import SiteData
 from fedmae.data.datasets import finetuning_dataset, label_subset
 from fedmae.data.loader import EpochLoader
@@ -56,6 +57,10 @@ log = logging.getLogger(__name__)
 KEEP_STATES = 2
 
 
+class SiteStateError(RuntimeError):
+    """This site's own state from an earlier round cannot be read: it refuses the round (one line)."""
+
+
 class _SiteRounds:
     """Shared mechanics: a model and optimiser whose site-local state lives on disk per round."""
 
@@ -66,6 +71,10 @@ class _SiteRounds:
         self.state_dir = Path(state_dir) / site.name.replace("/", "_") / self.phase
         self.device = resolve_device(device or cfg.device)
         self.step = 0
+        # Files that fail to load while training: stop the round, or (data.skip_bad_cases) leave
+        # them out, listed in this site's bad_cases.csv next to its state.
+        cases = [c for split in ("train", "val", "test", "unlabelled") for c in site.split(split)]
+        self.bad_files = BadFiles(cfg.data.skip_bad_cases, self.state_dir.parent / BAD_CASES, cases)
         # The model and optimiser after the last round this object trained, so the next round
         # skips rebuilding and reloading them; the disk copy is what survives a restart.
         self._live: tuple[int, torch.nn.Module, torch.optim.Optimizer] | None = None
@@ -94,13 +103,41 @@ class _SiteRounds:
         return self.state_dir / f"round_{server_round:05d}.pt"
 
     def _restore(self, server_round: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        """Load the state this site had after its latest round before ``server_round``."""
-        earlier = [(r, p) for r, p in self._saved() if r < server_round]
+        """Load the state this site had after its latest round before ``server_round``.
+
+        A state file that cannot be read (corrupt, truncated: its SHA-256 is checked) is not
+        skipped for the one before it: the round would then start from a state other than the
+        one this site ended its last round with, and the result would change without anyone
+        noticing. The site refuses the round instead (SiteStateError, one line that the server
+        logs as this site's failure), and every later round of the phase, until the file is dealt
+        with. A site that missed rounds (it was down) continues from its latest state, and says so.
+        """
+        saved = self._saved()
+        earlier = [(r, p) for r, p in saved if r < server_round]
+        if any(r >= server_round for r, _ in saved) and earlier:
+            log.info("site %s: %s round %d is a repeated round (it was trained here before): it starts again from "
+                     "this site's state after round %d", self.site.name, self.phase, server_round, earlier[-1][0])
         if not earlier:
+            if server_round > 1:
+                log.warning("site %s: no %s state of an earlier round in %s: round %d starts from the initial state",
+                            self.site.name, self.phase, self.state_dir, server_round)
             self.step = 0
             return
-        payload = load_checkpoint(earlier[-1][1], expect_kind="site")
-        load_model_state(model, payload["model"], str(earlier[-1][1]))
+        latest, path = earlier[-1]
+        try:
+            payload = load_checkpoint(path, expect_kind="site")
+        except CheckpointError as err:
+            older = f"its state after round {earlier[-2][0]}" if len(earlier) > 1 else "its initial state"
+            raise SiteStateError(
+                f"site {self.site.name}: its {self.phase} state after round {latest} is unusable ({err}); this site "
+                f"refuses the {self.phase} rounds that need it, since starting from an older state would change the "
+                f"result, until {path.name} is restored or removed (removed: the site rejoins from {older}, as a site "
+                "that missed rounds does)") from None
+        if latest < server_round - 1:
+            log.warning("site %s: %s continues from this site's state after round %d: it has none for round(s) %s "
+                        "(it missed them)", self.site.name, self.phase, latest,
+                        ", ".join(map(str, range(latest + 1, server_round))))
+        load_model_state(model, payload["model"], str(path))
         optimizer.load_state_dict(payload["optimizer"])
         self.step = payload["step"]
 
@@ -126,7 +163,7 @@ class SitePretraining(_SiteRounds):
         images = {split: site_images([site], split) for split in ("train", "val")}
         if not images["train"]:
             raise ValueError(f"site {site.name}: no training images to pre-train on")
-        self.train_loader, self.val_loader = pretraining_loaders(images, cfg, prep, self.device)
+        self.train_loader, self.val_loader = pretraining_loaders(images, cfg, prep, self.device, self.bad_files)
         self.num_examples = len(images["train"])
         self.schedule = pretrain_schedule(cfg, self.num_examples)
 
@@ -181,7 +218,7 @@ class SiteFinetuning(_SiteRounds):
         super().__init__(cfg, site, state_dir, device)
         self.task, self.prep = task, prep
         labelled = label_subset(site.train, cfg.finetune.label_fraction, cfg.seed, site.name)
-        self.train_loader = finetuning_loader(labelled, task, cfg, prep, self.device)
+        self.train_loader = finetuning_loader(labelled, task, cfg, prep, self.device, self.bad_files)
         self._evaluation: dict[str, EpochLoader] = {}  # per split, built once: every round evaluates on them
         self.num_examples = len(labelled)
         self.schedule = finetune_schedule(cfg, self.num_examples)
@@ -220,7 +257,7 @@ class SiteFinetuning(_SiteRounds):
             return {"num-examples": 0}
         if split not in self._evaluation:
             dataset = finetuning_dataset(cases, self.task, self.cfg, self.prep, train=False)
-            self._evaluation[split] = evaluation_loader(dataset, self.task, self.cfg, self.device)
+            self._evaluation[split] = evaluation_loader(dataset, self.task, self.cfg, self.device, self.bad_files)
         result = evaluate_loader(model, self._evaluation[split], self.task, self.cfg, self.device)
         return {**scalar_metrics(result), "num-examples": len(cases)}
 
