@@ -249,7 +249,7 @@ def test_medmnist_fatal_errors(tmp_path):
     with pytest.raises(DataError, match="no such file"):
         read_medmnist(tmp_path / "pathmnist.npz")
     (tmp_path / "text.npz").write_text("hello")
-    with pytest.raises(DataError, match=r"text\.npz: not a valid \.npz"):
+    with pytest.raises(DataError, match=r"text\.npz: not a MedMNIST \.npz \(neither a zip archive"):
         read_medmnist(tmp_path / "text.npz")
     path = write_medmnist(tmp_path / "pathmnist.npz", size=4, n=(3, 2, 2))
     with pytest.raises(DataError, match=r"pathmnist\.npz: missing array\(s\) val_labels"):
