@@ -82,14 +82,18 @@ def corrupt(path: Path) -> None:
 
 # ---- in process: the same refusal, without a deployment ----------------------------------------
 
-def test_a_site_whose_state_file_is_corrupt_refuses_the_rounds_that_need_it(tmp_path, monkeypatch, caplog):
+def in_process_run_config(tmp_path: Path, out: Path) -> dict:
+    """The faults' experiment (without the deployment's long round timeout) as run settings."""
     experiment = tmp_path / "experiment.yaml"
     experiment.write_text(yaml.safe_dump(tiny_raw(2, data={"num_sites": 2, "cases_per_site": 8},
                                                   pretrain={"epochs": 3, "warmup_epochs": 1},
                                                   federated={"min_sites": 1, "finetune": "none"})))
-    out = tmp_path / "out"
-    run_config = {"experiment": str(experiment), "overrides": "", "output-dir": str(out), "resume": False}
-    state = tmp_path / "state"
+    return {"experiment": str(experiment), "overrides": "", "output-dir": str(out), "resume": False}
+
+
+def test_a_site_whose_state_file_is_corrupt_refuses_the_rounds_that_need_it(tmp_path, monkeypatch, caplog):
+    out, state = tmp_path / "out", tmp_path / "state"
+    run_config = in_process_run_config(tmp_path, out)
     grid = InProcessGrid(site_app.app, [{"site": s, "state-dir": str(state / s)} for s in SITES], run_config)
     cfg = experiment_config(run_config)
     victim = site_state(state / "site-0", cfg.name, out, "site-0") / "round_00001.pt"
@@ -127,12 +131,8 @@ def test_a_site_flower_reports_unavailable_is_named_and_continues_from_its_saved
     """A SuperNode that stops answering (killed) gets a reply written by the SuperLink in its place,
     "Node Unavailable", sent from the SuperLink's own node id: the round's record names the site,
     once. At its next round the site continues from its state after the last round it trained."""
-    experiment = tmp_path / "experiment.yaml"
-    experiment.write_text(yaml.safe_dump(tiny_raw(2, data={"num_sites": 2, "cases_per_site": 8},
-                                                  pretrain={"epochs": 3, "warmup_epochs": 1},
-                                                  federated={"min_sites": 1, "finetune": "none"})))
     out = tmp_path / "out"
-    run_config = {"experiment": str(experiment), "overrides": "", "output-dir": str(out), "resume": False}
+    run_config = in_process_run_config(tmp_path, out)
     grid = InProcessGrid(site_app.app, [{"site": s, "state-dir": str(tmp_path / "state" / s)} for s in SITES], run_config)
 
     def unavailable_in_round_2(request: Message, reply: Message) -> Message:
