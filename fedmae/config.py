@@ -1,35 +1,25 @@
-"""Experiment configuration: YAML files loaded into typed dataclasses.
+"""Experiment configuration: fedmae's schema as typed dataclasses, its derived values and its checks.
 
 The dataclass defaults below are the one source of defaults. Loading is strict: an empty file, a key
 given twice, an unknown key, a wrong type or an impossible value raises :class:`ConfigError` with one
 line that names the file (or the ``--set`` override that set the value) and the key, before anything
 is written. Values that follow from others (the learning rate scaled by the
-batch size, the UNETR skip blocks for a given depth) are computed here and nowhere else.
+batch size, the UNETR skip blocks for a given depth) are computed here and nowhere else. Reading
+YAML into the dataclasses (types, unknown keys, overrides) is :mod:`fedmae.typed_yaml`'s; the checks
+of values that type-check but cannot work are here, one function per section.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
-import re
-import types
-import typing
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from fedmae.models.sizes import ModelSize, parse_model_name
-
-
-_YAML11_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
-
-
-class ConfigError(ValueError):
-    """A configuration problem the user can fix; the message names the file and the key."""
+from fedmae.typed_yaml import ConfigError, Source, build, load_yaml, to_plain
 
 
 @dataclass
@@ -103,29 +93,44 @@ class TaskConfig:
 
 
 @dataclass
-class PretrainConfig:
-    epochs: int = 100
-    warmup_epochs: int = 10
-    batch_size: int = 32
-    base_lr: float = 1.5e-4  # lr = base_lr * batch_size / 256
-    min_lr: float = 0.0
+class OptimiserConfig:
+    """What pre-training and fine-tuning share: the epochs, AdamW and its schedule. Each phase
+    sets the defaults of the fields that have none here."""
+
+    epochs: int
+    warmup_epochs: int
+    batch_size: int
+    base_lr: float  # lr = base_lr * batch_size / 256
+    min_lr: float
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
     clip_grad: float | None = 3.0  # max gradient norm; null: no clipping
+
+    @property
+    def lr(self) -> float:
+        return self.base_lr * self.batch_size / 256
+
+
+# The optimiser's fields come first in each phase (a redefined field keeps its base's place), so
+# to_dict() and resolved YAML list them as before.
+@dataclass
+class PretrainConfig(OptimiserConfig):
+    epochs: int = 100
+    warmup_epochs: int = 10
+    batch_size: int = 32
+    base_lr: float = 1.5e-4
+    min_lr: float = 0.0
     eval_every: int = 1  # validation reconstruction loss every N epochs (and after the last)
     checkpoint_every: int = 1  # write checkpoint_last.pt every N epochs (and after the last); resume starts there
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(OptimiserConfig):
     epochs: int = 50
     warmup_epochs: int = 5
     batch_size: int = 16
-    base_lr: float = 1e-3  # lr = base_lr * batch_size / 256
+    base_lr: float = 1e-3
     min_lr: float = 1e-6
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.95)
-    clip_grad: float | None = 3.0
     layer_decay: float = 0.75  # lr multiplier per block towards the input (1: no decay)
     drop_path: float = 0.1
     label_fraction: float = 1.0  # share of each site's labelled training cases used (label-scarce studies)
@@ -177,6 +182,10 @@ class FederatedConfig:
 
 
 ARMS = ("centralised", "federated", "local", "none")
+# Strategies whose new global model is the average of the sites' weights, which differential
+# privacy's noise and accounting and secure aggregation's sum assume (FedProx only adds a
+# proximal term to the sites' training).
+AVERAGING_STRATEGIES = ("fedavg", "fedprox")
 
 
 @dataclass
@@ -255,11 +264,11 @@ class ExperimentConfig:
 
     @property
     def pretrain_lr(self) -> float:
-        return self.pretrain.base_lr * self.pretrain.batch_size / 256
+        return self.pretrain.lr
 
     @property
     def finetune_lr(self) -> float:
-        return self.finetune.base_lr * self.finetune.batch_size / 256
+        return self.finetune.lr
 
     @property
     def pretrain_rounds(self) -> int:
@@ -272,7 +281,7 @@ class ExperimentConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain (YAML/JSON-safe) dict of the resolved configuration; tuples become lists."""
-        return _plain(dataclasses.asdict(self))
+        return to_plain(self)
 
 
 def default_skip_blocks(depth: int, patch_size: int) -> tuple[int, ...]:
@@ -303,7 +312,7 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> ExperimentCo
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
-    raw = _load_yaml(path.read_text(), str(path))
+    raw = load_yaml(path.read_text(), str(path))
     if raw is None:
         raise ConfigError(f"{path}: the file is empty (no settings, only blank lines or comments); write the "
                           f"settings to use, or {{}} for all defaults; see configs/ for examples (configs/demo.yaml)")
@@ -311,88 +320,6 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> ExperimentCo
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
     return _absolute_paths(config_from_dict(raw, str(path), overrides))
 
-
-class _DuplicateKey(Exception):
-    def __init__(self, key: str, first: int, second: int):
-        super().__init__(key)
-        self.key, self.first, self.second = key, first, second
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """PyYAML's safe loader that refuses a key given twice in one mapping (PyYAML keeps the last)."""
-
-    def construct_document(self, node: yaml.Node) -> Any:
-        _check_duplicate_keys(node, "", set())
-        return super().construct_document(node)
-
-
-def _check_duplicate_keys(node: yaml.Node, path: str, seen: set[int]) -> None:
-    if id(node) in seen:  # an alias of a node already checked (or a recursive structure)
-        return
-    seen.add(id(node))
-    if isinstance(node, yaml.MappingNode):
-        lines: dict[tuple[str, str], int] = {}
-        for key_node, value_node in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: keys after it override on purpose
-                _check_duplicate_keys(value_node, path, seen)
-                continue
-            name = str(key_node.value) if isinstance(key_node, yaml.ScalarNode) else repr(key_node.value)
-            key = f"{path}.{name}" if path else name
-            line = key_node.start_mark.line + 1
-            if (key_node.tag, name) in lines:
-                raise _DuplicateKey(key, lines[key_node.tag, name], line)
-            lines[key_node.tag, name] = line
-            _check_duplicate_keys(value_node, key, seen)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            _check_duplicate_keys(item, f"{path}[{i}]", seen)
-
-
-def _load_yaml(text: str, where: str) -> Any:
-    """``yaml.safe_load`` that refuses duplicate keys; errors become one-line ConfigErrors."""
-    try:
-        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
-    except _DuplicateKey as dup:
-        raise ConfigError(f"{where}: '{dup.key}' is given twice (lines {dup.first} and {dup.second}); YAML would "
-                          "silently keep only the second: merge them into one") from None
-    except yaml.YAMLError as err:
-        line = getattr(getattr(err, "problem_mark", None), "line", None)
-        at = f" (line {line + 1})" if line is not None else ""
-        raise ConfigError(f"{where}: not valid YAML{at}: {getattr(err, 'problem', None) or err}") from None
-
-
-class _Source:
-    """Where the values of one load came from: the file, or the ``--set`` override that set a key."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self.overrides: dict[str, str] = {}  # dotted key -> the override as typed
-        self.given: frozenset[str] | None = None  # dotted keys set by the file or an override
-
-    def __str__(self) -> str:
-        return self.path
-
-    def of(self, *keys: str) -> str:
-        """The override that set (a part of) the first of ``keys`` that one set, else the file."""
-        for key in keys:
-            for set_key, item in reversed(self.overrides.items()):
-                if key == set_key or key.startswith(set_key + ".") or set_key.startswith(key + "."):
-                    return f"--set {item}"
-        return self.path
-
-    def set_by_user(self, key: str) -> bool:
-        return self.given is None or any(k == key or k.startswith(key + ".") for k in self.given)
-
-
-def _where(source: Any, *keys: str) -> str:
-    return source.of(*keys) if isinstance(source, _Source) else str(source)
-
-
-def _dotted_keys(raw: Mapping[str, Any], prefix: str = "") -> Iterable[str]:
-    for key, value in raw.items():
-        yield f"{prefix}{key}"
-        if isinstance(value, dict):
-            yield from _dotted_keys(value, f"{prefix}{key}.")
 
 
 PATH_KEYS = ("root", "manifest", "split_file", "cache_dir")
@@ -405,195 +332,41 @@ def _absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **paths))
 
 
+
 def config_from_dict(raw: Mapping[str, Any], source: str = "<dict>", overrides: Iterable[str] = ()) -> ExperimentConfig:
     """Build and validate a config from a plain dict (e.g. the one stored in a checkpoint), with
     ``key.sub=value`` overrides applied (their errors name the override, see :func:`load_config`)."""
-    raw = copy.deepcopy(dict(raw))
-    named = _Source(source)
-    for item in overrides:
-        named.overrides[_apply_override(raw, item)] = item.strip()
-    named.given = frozenset(_dotted_keys(raw))
-    cfg = _build(ExperimentConfig, raw, prefix="", source=named)
+    cfg, named = build(ExperimentConfig, raw, source, overrides)
     validate(cfg, source=named)
     return cfg
-
-
-def _apply_override(raw: dict[str, Any], item: str) -> str:
-    """Set one ``key.sub=value`` in ``raw``; returns the dotted key. Errors name the override as typed."""
-    key, sep, value = item.partition("=")
-    shown = f"--set {item.strip()}"
-    if not sep or not key.strip():
-        raise ConfigError(f"{shown}: expected key.sub=value")
-    parts = [part.strip() for part in key.strip().split(".")]
-    if not all(parts):
-        raise ConfigError(f"{shown}: expected key.sub=value, got the key {key.strip()!r}")
-    node = raw
-    for i, part in enumerate(parts[:-1]):
-        if node.get(part) is None:  # absent, or an empty section (`pretrain:` with nothing under it)
-            node[part] = {}
-        node = node[part]
-        if not isinstance(node, dict):
-            raise ConfigError(f"{shown}: {'.'.join(parts[: i + 1])} is not a section")
-    node[parts[-1]] = _load_yaml(value, f"{shown}: the value") if value.strip() else None
-    return ".".join(parts)
-
-
-def _build(cls: type, raw: Any, prefix: str, source: Any) -> Any:
-    if not isinstance(raw, dict):
-        where = prefix.rstrip('.')
-        raise ConfigError(f"{_where(source, where)}: {where or 'top level'}: expected a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in raw:
-        if key not in names:
-            raise ConfigError(
-                f"{_where(source, prefix + str(key))}: unknown key '{prefix}{key}' "
-                f"(valid keys {'in ' + prefix.rstrip('.') if prefix else 'here'}: {', '.join(sorted(names))})"
-            )
-    values = {}
-    for key, value in raw.items():
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            values[key] = _build(hint, value if value is not None else {}, f"{prefix}{key}.", source)
-        else:
-            values[key] = _coerce(value, hint, f"{prefix}{key}", source)
-    return cls(**values)
-
-
-def _coerce(value: Any, hint: Any, key: str, source: Any) -> Any:
-    """Check ``value`` against a type hint, converting lists to tuples and ints to floats."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-
-    def fail() -> typing.NoReturn:
-        raise ConfigError(f"{_where(source, key)}: {key}: expected {_describe(hint)}, got {value!r}")
-
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, arg, key, source)
-            except ConfigError:
-                continue
-        fail()
-    if origin is dict:
-        if not isinstance(value, dict):
-            fail()
-        return {_coerce(k, args[0], key, source): _coerce(v, args[1], f"{key}.{k}", source) for k, v in value.items()}
-    if origin is Literal:
-        if value not in args:
-            fail()
-        return value
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            fail()
-        item_types = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
-        if len(item_types) != len(value):
-            fail()
-        return tuple(_coerce(v, t, key, source) for v, t in zip(value, item_types))
-    if hint is bool:
-        if not isinstance(value, bool):
-            fail()
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            fail()
-        return value
-    if hint is float:
-        if isinstance(value, str) and _YAML11_FLOAT.match(value.strip()):
-            return float(value)  # PyYAML reads 5e-3 (no dot) as a string; it is meant as a number
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            fail()
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            fail()
-        return value
-    raise TypeError(f"unsupported config type {hint!r} for {key}")  # a bug in this module, not user input
-
-
-def _describe(hint: Any) -> str:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join("null" if a is type(None) else _describe(a) for a in args)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in args)
-    if origin is dict:
-        return f"a mapping of {_describe(args[0])} to {_describe(args[1])}"
-    if origin is tuple:
-        if len(args) == 2 and args[1] is Ellipsis:
-            return f"a list of {_describe(args[0])}"
-        return f"a list of {len(args)} numbers"
-    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
-
-
-def _plain(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    return obj
 
 
 # ---------------------------------------------------------------------------------------------
 # Validation of values that type-check but cannot work
 
 
-def _validate_privacy(fed: FederatedConfig, fail: Callable[..., typing.NoReturn],
-                      given: Callable[[str], bool]) -> None:
-    p = fed.privacy
-    if p.dp != "none":
-        if p.noise_multiplier <= 0:
-            fail("federated.privacy.noise_multiplier", f"must be positive with dp on, got {p.noise_multiplier}")
-        if p.clipping_norm <= 0:
-            fail("federated.privacy.clipping_norm", f"must be positive, got {p.clipping_norm}")
-        if not 0.0 < p.delta < 1.0:
-            fail("federated.privacy.delta", f"must be strictly between 0 and 1, got {p.delta}")
-        if p.max_epsilon is not None and p.max_epsilon <= 0:
-            fail("federated.privacy.max_epsilon", f"must be positive, got {p.max_epsilon}")
-        if fed.fraction_train != 1.0:
-            fail("federated.fraction_train", "must be 1 with differential privacy (the accounting assumes every site "
-                 "takes part in every round)")
-        if fed.strategy not in ("fedavg", "fedprox"):
-            fail("federated.strategy", f"differential privacy needs fedavg or fedprox (its noise and accounting assume a plain "
-                 f"average), got {fed.strategy}")
-    if p.secure_aggregation:
-        if p.dp != "none":
-            fail("federated.privacy.dp", "differential privacy together with secure aggregation is not supported; "
-                 "choose one (server-side clipping would need the updates that secure aggregation hides)")
-        if fed.fraction_train != 1.0:
-            fail("federated.fraction_train", "must be 1 with secure aggregation (every site takes part in the sum)")
-        if fed.strategy not in ("fedavg", "fedprox"):
-            fail("federated.strategy", f"secure aggregation sums the sites' weights, so it works with fedavg or "
-                 f"fedprox, not {fed.strategy}")
-        if fed.transport != "fp32":
-            fail("federated.transport", "secure aggregation quantises the weights itself; use fp32")
-        if not 2 <= p.secagg_threshold < p.secagg_shares:
-            pair = ("secagg_shares", "secagg_threshold")
-            if not given("federated.privacy.secagg_shares") or given("federated.privacy.secagg_threshold"):
-                pair = pair[::-1]  # blame the one the user set
-            fail(f"federated.privacy.{pair[0]}", f"need 2 <= secagg_threshold < secagg_shares (Flower's SecAgg+), "
-                 f"got {p.secagg_threshold} and {p.secagg_shares}", f"federated.privacy.{pair[1]}")
-        if p.secagg_clipping_range <= 0 or p.secagg_quantization_range < 2:
-            fail("federated.privacy.secagg_clipping_range", "clipping range must be positive and quantization range "
-                 "at least 2")
-
-
-def validate(cfg: ExperimentConfig, source: Any) -> None:
+def validate(cfg: ExperimentConfig, source: Source | str) -> None:
     """Raise ConfigError for the first impossible value, naming its key.
 
     A problem with a value the user did not set (a default, or one derived from another key) names
     the key the user did set. ``source`` is the file's name (every key counts as set), or the
-    record of a load with the keys set and the overrides that set them.
+    record of a load with the keys set and the overrides that set them. The sections are checked
+    in this order, so a config with several problems is refused for the same one every time.
     """
+    src = source if isinstance(source, Source) else Source(str(source))
+    _check_model(cfg, src)
+    _check_data(cfg, src)
+    _check_task(cfg.task, src)
+    _check_phase("pretrain", cfg.pretrain, src)
+    _check_finetune(cfg.finetune, src)
+    _check_federated(cfg.federated, src)
+    _check_privacy(cfg.federated, src)
+    _check_compare(cfg.compare, src)
+    _check_device(cfg.device, src)
 
-    def fail(key: str, problem: str, *related: str) -> typing.NoReturn:
-        """``related``: other keys the problem involves; an override that set one is named."""
-        raise ConfigError(f"{_where(source, key, *related)}: {key}: {problem}")
 
-    def given(key: str) -> bool:
-        return source.set_by_user(key) if isinstance(source, _Source) else True
-
+def _check_model(cfg: ExperimentConfig, src: Source) -> None:
+    fail = src.fail
     m = cfg.model
     try:
         _, patch, dims = parse_model_name(m.name)
@@ -610,7 +383,7 @@ def validate(cfg: ExperimentConfig, source: Any) -> None:
         fail("model.mask_ratio", f"must be strictly between 0 and 1, got {m.mask_ratio}")
     num_patches = math.prod(s // patch for s in m.img_size)
     if int(num_patches * (1 - m.mask_ratio)) < 1:
-        if given("model.mask_ratio"):
+        if src.set_by_user("model.mask_ratio"):
             fail("model.mask_ratio", f"leaves no visible patch out of {num_patches}", "model.img_size")
         fail("model.img_size", f"{list(m.img_size)} makes only {num_patches} patch(es) of {patch}, and the default "
              f"model.mask_ratio {m.mask_ratio} hides all of them; use a larger img_size or set model.mask_ratio")
@@ -648,7 +421,11 @@ def validate(cfg: ExperimentConfig, source: Any) -> None:
         if m.feature_size < 1:
             fail("model.feature_size", f"must be at least 1, got {m.feature_size}")
 
-    d = cfg.data
+
+def _check_data(cfg: ExperimentConfig, src: Source) -> None:
+    fail, given = src.fail, src.set_by_user
+    m, d = cfg.model, cfg.data
+    dims = cfg.spatial_dims
     image_size = cfg.data_image_size
     if len(image_size) != dims:
         fail("data.image_size", f"needs {dims} sides for a {dims}D model, got {list(image_size)}")
@@ -696,7 +473,9 @@ def validate(cfg: ExperimentConfig, source: Any) -> None:
     if d.num_workers != "auto" and d.num_workers < 0:
         fail("data.num_workers", f"must be auto or non-negative, got {d.num_workers}")
 
-    t = cfg.task
+
+def _check_task(t: TaskConfig, src: Source) -> None:
+    fail = src.fail
     if t.class_names is not None and (not t.class_names or len(set(t.class_names)) != len(t.class_names)):
         fail("task.class_names", f"needs distinct names, got {list(t.class_names)}")
     if t.findings is not None:
@@ -712,30 +491,36 @@ def validate(cfg: ExperimentConfig, source: Any) -> None:
         if not t.regions or any(not values or min(values) < 1 for values in t.regions.values()):
             fail("task.regions", "each region needs one or more foreground label values (>= 1)")
 
-    for section in ("pretrain", "finetune"):
-        s = getattr(cfg, section)
-        if s.epochs < 1:
-            fail(f"{section}.epochs", f"must be at least 1, got {s.epochs}")
-        if not 0 <= s.warmup_epochs <= s.epochs:
-            if not given(f"{section}.warmup_epochs"):
-                fail(f"{section}.epochs", f"{s.epochs} is fewer than the default {section}.warmup_epochs "
-                     f"({s.warmup_epochs}); set {section}.warmup_epochs too (0 to {s.epochs})")
-            fail(f"{section}.warmup_epochs", f"must be between 0 and epochs ({s.epochs}), got {s.warmup_epochs}",
-                 f"{section}.epochs")
-        if s.batch_size < 1:
-            fail(f"{section}.batch_size", f"must be at least 1, got {s.batch_size}")
-        if s.base_lr <= 0 or s.min_lr < 0:
-            fail(f"{section}.base_lr", "learning rates must be positive (min_lr non-negative)")
-        if s.weight_decay < 0:
-            fail(f"{section}.weight_decay", f"must be non-negative, got {s.weight_decay}")
-        if not all(0.0 <= b < 1.0 for b in s.betas):
-            fail(f"{section}.betas", f"each beta must be in [0, 1), got {list(s.betas)}")
-        if s.clip_grad is not None and s.clip_grad <= 0:
-            fail(f"{section}.clip_grad", f"must be positive or null, got {s.clip_grad}")
-        for key in ("eval_every", "checkpoint_every"):
-            if getattr(s, key) < 1:
-                fail(f"{section}.{key}", f"must be at least 1 (epochs), got {getattr(s, key)}")
-    f = cfg.finetune
+
+def _check_phase(section: str, s: PretrainConfig | FinetuneConfig, src: Source) -> None:
+    """The optimiser and the epochs' cadence, as pre-training and fine-tuning share them."""
+    fail = src.fail
+    if s.epochs < 1:
+        fail(f"{section}.epochs", f"must be at least 1, got {s.epochs}")
+    if not 0 <= s.warmup_epochs <= s.epochs:
+        if not src.set_by_user(f"{section}.warmup_epochs"):
+            fail(f"{section}.epochs", f"{s.epochs} is fewer than the default {section}.warmup_epochs "
+                 f"({s.warmup_epochs}); set {section}.warmup_epochs too (0 to {s.epochs})")
+        fail(f"{section}.warmup_epochs", f"must be between 0 and epochs ({s.epochs}), got {s.warmup_epochs}",
+             f"{section}.epochs")
+    if s.batch_size < 1:
+        fail(f"{section}.batch_size", f"must be at least 1, got {s.batch_size}")
+    if s.base_lr <= 0 or s.min_lr < 0:
+        fail(f"{section}.base_lr", "learning rates must be positive (min_lr non-negative)")
+    if s.weight_decay < 0:
+        fail(f"{section}.weight_decay", f"must be non-negative, got {s.weight_decay}")
+    if not all(0.0 <= b < 1.0 for b in s.betas):
+        fail(f"{section}.betas", f"each beta must be in [0, 1), got {list(s.betas)}")
+    if s.clip_grad is not None and s.clip_grad <= 0:
+        fail(f"{section}.clip_grad", f"must be positive or null, got {s.clip_grad}")
+    for key in ("eval_every", "checkpoint_every"):
+        if getattr(s, key) < 1:
+            fail(f"{section}.{key}", f"must be at least 1 (epochs), got {getattr(s, key)}")
+
+
+def _check_finetune(f: FinetuneConfig, src: Source) -> None:
+    fail = src.fail
+    _check_phase("finetune", f, src)
     if not 0.0 < f.layer_decay <= 1.0:
         fail("finetune.layer_decay", f"must be in (0, 1], got {f.layer_decay}")
     if not 0.0 <= f.drop_path < 1.0:
@@ -744,7 +529,12 @@ def validate(cfg: ExperimentConfig, source: Any) -> None:
         fail("finetune.label_fraction", f"must be in (0, 1], got {f.label_fraction}")
     if not 0.0 <= f.sw_overlap < 1.0:
         fail("finetune.sw_overlap", f"must be in [0, 1), got {f.sw_overlap}")
-    fed = cfg.federated
+
+
+def _check_federated(fed: FederatedConfig, src: Source) -> None:
+    """What every run can check of the federated section; what only a federated run can check
+    is :func:`validate_federated`'s."""
+    fail = src.fail
     for key in ("local_epochs", "finetune_local_epochs"):
         if getattr(fed, key) < 1:  # whether it divides the epochs matters to federated runs only: validate_federated
             fail(f"federated.{key}", f"must be at least 1, got {getattr(fed, key)}")
@@ -761,8 +551,50 @@ def validate(cfg: ExperimentConfig, source: Any) -> None:
         fail("federated.start_from", f"needs 'random' or a pre-training checkpoint; {fed.start_from} is not a file")
     if fed.start_from is not None and fed.finetune == "none":
         fail("federated.start_from", "skips pre-training, so federated.finetune must be federated or local")
-    _validate_privacy(fed, fail, given)
-    c = cfg.compare
+
+
+def _check_privacy(fed: FederatedConfig, src: Source) -> None:
+    fail, given = src.fail, src.set_by_user
+    p = fed.privacy
+    if p.dp != "none":
+        if p.noise_multiplier <= 0:
+            fail("federated.privacy.noise_multiplier", f"must be positive with dp on, got {p.noise_multiplier}")
+        if p.clipping_norm <= 0:
+            fail("federated.privacy.clipping_norm", f"must be positive, got {p.clipping_norm}")
+        if not 0.0 < p.delta < 1.0:
+            fail("federated.privacy.delta", f"must be strictly between 0 and 1, got {p.delta}")
+        if p.max_epsilon is not None and p.max_epsilon <= 0:
+            fail("federated.privacy.max_epsilon", f"must be positive, got {p.max_epsilon}")
+        if fed.fraction_train != 1.0:
+            fail("federated.fraction_train", "must be 1 with differential privacy (the accounting assumes every site "
+                 "takes part in every round)")
+        if fed.strategy not in AVERAGING_STRATEGIES:
+            fail("federated.strategy", f"differential privacy needs fedavg or fedprox (its noise and accounting assume a plain "
+                 f"average), got {fed.strategy}")
+    if p.secure_aggregation:
+        if p.dp != "none":
+            fail("federated.privacy.dp", "differential privacy together with secure aggregation is not supported; "
+                 "choose one (server-side clipping would need the updates that secure aggregation hides)")
+        if fed.fraction_train != 1.0:
+            fail("federated.fraction_train", "must be 1 with secure aggregation (every site takes part in the sum)")
+        if fed.strategy not in AVERAGING_STRATEGIES:
+            fail("federated.strategy", f"secure aggregation sums the sites' weights, so it works with fedavg or "
+                 f"fedprox, not {fed.strategy}")
+        if fed.transport != "fp32":
+            fail("federated.transport", "secure aggregation quantises the weights itself; use fp32")
+        if not 2 <= p.secagg_threshold < p.secagg_shares:
+            pair = ("secagg_shares", "secagg_threshold")
+            if not given("federated.privacy.secagg_shares") or given("federated.privacy.secagg_threshold"):
+                pair = pair[::-1]  # blame the one the user set
+            fail(f"federated.privacy.{pair[0]}", f"need 2 <= secagg_threshold < secagg_shares (Flower's SecAgg+), "
+                 f"got {p.secagg_threshold} and {p.secagg_shares}", f"federated.privacy.{pair[1]}")
+        if p.secagg_clipping_range <= 0 or p.secagg_quantization_range < 2:
+            fail("federated.privacy.secagg_clipping_range", "clipping range must be positive and quantization range "
+                 "at least 2")
+
+
+def _check_compare(c: CompareConfig, src: Source) -> None:
+    fail = src.fail
     unknown = [a for a in c.arms if a not in ARMS]
     if unknown or not c.arms or len(set(c.arms)) != len(c.arms):
         fail("compare.arms", f"needs distinct arms from {', '.join(ARMS)}, got {list(c.arms)}")
@@ -775,8 +607,11 @@ def validate(cfg: ExperimentConfig, source: Any) -> None:
         fail("compare.reconstructions", f"must be non-negative, got {c.reconstructions}")
     if c.parallel != "auto" and c.parallel < 1:
         fail("compare.parallel", f"must be auto or at least 1, got {c.parallel}")
-    if cfg.device != "auto" and cfg.device != "cpu" and not cfg.device.startswith("cuda"):
-        fail("device", f"must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+
+
+def _check_device(device: str, src: Source) -> None:
+    if device != "auto" and device != "cpu" and not device.startswith("cuda"):
+        src.fail("device", f"must be auto, cpu, cuda or cuda:N, got {device!r}")
 
 
 def validate_federated(cfg: ExperimentConfig, source: str | Path | None = None, *, pretrain: bool | None = None,

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import pytest
 import yaml
 
-from fedmae.config import ConfigError, ExperimentConfig, default_skip_blocks, load_config, validate_federated
+from fedmae.config import ExperimentConfig, PrivacyConfig, default_skip_blocks, load_config, validate_federated
 from fedmae.models.factory import build_finetune_model, build_mae
+from fedmae.typed_yaml import ConfigError, build, to_plain
 from tests.tiny import tiny_raw
 
 REPO = Path(__file__).resolve().parent.parent
@@ -145,6 +148,37 @@ def test_differential_privacy_accepts_fedprox_as_documented(tmp_path):
         load_config(write(tmp_path, raw))
 
 
+@pytest.mark.parametrize("privacy", [{"dp": "server"}, {"dp": "client"}, {"secure_aggregation": True}],
+                         ids=["server-dp", "client-dp", "secagg"])
+def test_fedprox_is_accepted_with_either_dp_and_with_secure_aggregation(tmp_path, privacy):
+    # docs/privacy.md: DP and SecAgg+ need fedavg or fedprox (FedProx changes only the sites' training).
+    raw = tiny_raw(2, data={"num_sites": 3}, federated={"strategy": "fedprox", "privacy": privacy})
+    cfg = load_config(write(tmp_path, raw))
+    assert (cfg.federated.strategy, cfg.federated.privacy) == ("fedprox", PrivacyConfig(**privacy))
+
+
+@pytest.mark.parametrize("dp", ["server", "client"])
+@pytest.mark.parametrize("strategy", ["fedavgm", "fedadam"])
+def test_differential_privacy_refuses_server_optimisers_in_one_line(tmp_path, dp, strategy):
+    path = write(tmp_path, tiny_raw(2, federated={"strategy": strategy, "privacy": {"dp": dp}}))
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == (f"{path}: federated.strategy: differential privacy needs fedavg or fedprox (its noise and "
+                              f"accounting assume a plain average), got {strategy}")
+    with pytest.raises(ConfigError, match=rf"^--set federated.strategy={strategy}: federated.strategy: differential"):
+        load_config(write(tmp_path, tiny_raw(2, federated={"privacy": {"dp": dp}})), [f"federated.strategy={strategy}"])
+
+
+def test_pretrain_and_finetune_keep_their_own_optimiser_defaults_and_key_order():
+    cfg = ExperimentConfig().to_dict()
+    optimiser = ["epochs", "warmup_epochs", "batch_size", "base_lr", "min_lr", "weight_decay", "betas", "clip_grad"]
+    assert list(cfg["pretrain"]) == [*optimiser, "eval_every", "checkpoint_every"]
+    assert list(cfg["finetune"]) == [*optimiser, "layer_decay", "drop_path", "label_fraction", "sw_overlap",
+                                     "eval_every", "checkpoint_every"]
+    assert [cfg["pretrain"][k] for k in optimiser] == [100, 10, 32, 1.5e-4, 0.0, 0.05, [0.9, 0.95], 3.0]
+    assert [cfg["finetune"][k] for k in optimiser] == [50, 5, 16, 1e-3, 1e-6, 0.05, [0.9, 0.95], 3.0]
+    assert ExperimentConfig().pretrain_lr == pytest.approx(1.5e-4 * 32 / 256)
+
 def test_secure_aggregation_blames_the_key_that_was_set(tmp_path):
     raw = tiny_raw(2, federated={"privacy": {"secure_aggregation": True, "secagg_shares": 2}})
     with pytest.raises(ConfigError, match=r"federated.privacy.secagg_shares: need 2 <= secagg_threshold"):
@@ -205,3 +239,26 @@ def test_readme_config_reference_names_every_key():
         keys = [f.name for f in dataclasses.fields(value)] if dataclasses.is_dataclass(value) else [section.name]
         for key in keys:
             assert f"`{key}`" in reference, f"README config reference lacks {section.name}.{key}"
+
+
+@dataclass
+class _Inner:
+    size: tuple[int, ...] = (1,)
+    mode: Literal["a", "b"] = "a"
+
+
+@dataclass
+class _Outer:
+    rate: float = 0.1
+    inner: _Inner = field(default_factory=_Inner)
+
+
+def test_typed_yaml_builds_any_dataclass_tree_and_names_the_override():
+    tree, source = build(_Outer, {"inner": {"size": [2, 3]}}, "toy.yaml", ["rate=5e-3"])
+    assert tree == _Outer(rate=5e-3, inner=_Inner(size=(2, 3)))
+    assert to_plain(tree) == {"rate": 5e-3, "inner": {"size": [2, 3], "mode": "a"}}
+    assert source.set_by_user("inner.size") and not source.set_by_user("inner.mode")
+    with pytest.raises(ConfigError, match=r"^--set inner.mode=c: inner.mode: expected one of 'a', 'b', got 'c'$"):
+        build(_Outer, {}, "toy.yaml", ["inner.mode=c"])
+    with pytest.raises(ConfigError, match=r"^toy.yaml: unknown key 'inner.colour' \(valid keys in inner: mode, size\)$"):
+        build(_Outer, {"inner": {"colour": 1}}, "toy.yaml")
