@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import pickle
 import platform
 import re
-import tempfile
 import warnings
 from collections.abc import Mapping
 from importlib import metadata
@@ -25,6 +23,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+
+from fedmae.files import atomic_write, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def save_checkpoint(
         "extra": dict(extra or {}),
         "versions": package_versions(),
     }
-    return _atomic_write(path, lambda handle: torch.save(payload, handle), with_digest=True)
+    return _write_with_digest(path, lambda handle: torch.save(payload, handle))
 
 
 def digest_path(path: str | Path) -> Path:
@@ -111,29 +111,10 @@ def verify_digest(path: str | Path) -> bool:
     return True
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write a small text file (a result, a report) so that readers never see half of it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return _atomic_write(path, lambda handle: handle.write(text.encode()))
-
-
-def _atomic_write(path: Path, write, with_digest: bool = False) -> Path:
-    """Temp file in the same folder + fsync + rename: a crash leaves the old file or the new one.
-    ``with_digest``: also record the new file's SHA-256 next to it."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        line = f"{sha256_of(tmp)}  {path.name}\n" if with_digest else None
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    if line is not None:
-        _atomic_write(digest_path(path), lambda handle: handle.write(line.encode()))
+def _write_with_digest(path: Path, write) -> Path:
+    """Write ``path`` atomically, then record its SHA-256 next to it (also atomically)."""
+    atomic_write(path, write)
+    atomic_write_text(digest_path(path), f"{sha256_of(path)}  {path.name}\n")
     return path
 
 

@@ -27,7 +27,6 @@ import csv
 import io
 import logging
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from monai.transforms import Transform
 
 from fedmae.data.catalog import Case, DataError, Problem
 from fedmae.data.checks import read_problem
+from fedmae.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ class BadFiles:
     ``skip`` (``data.skip_bad_cases``): leave such files out instead of stopping. ``csv``: the
     run's bad_cases.csv, appended to (None: log only). ``cases``: the run's cases, to name a bad
     file's case. ``fresh``: a run that starts over forgets the failures a previous attempt in its
-    folder recorded (the checks' rows are rewritten by :func:`fedmae.data.cohort.write_reports`).
+    folder recorded (the checks' rows are rewritten by :func:`fedmae.data.report.write_reports`).
     """
 
     def __init__(self, skip: bool, csv: str | Path | None = None, cases: Iterable[Case] = (), fresh: bool = False):
@@ -175,16 +175,7 @@ def write_problems(path: str | Path, problems: Sequence[Problem]) -> None:
     writer = csv.writer(out)
     writer.writerow(CSV_HEADER)
     writer.writerows([p.case_id, p.path, p.message] for p in problems)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(out.getvalue())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, out.getvalue())
 
 
 def append_problems(path: str | Path, problems: Sequence[Problem]) -> None:

@@ -1,4 +1,4 @@
-"""Checks of every case before training starts, and the statistics `fedmae data inspect` prints.
+"""Checks of every case before training starts: each file's problems and statistics.
 
 A run that dies after hours on one truncated volume loses the time; a run that silently trains on
 a NaN volume or a label map that does not fit its image loses the result. So every file is opened
@@ -242,17 +242,3 @@ def _check_label(
 def _reason(err: BaseException) -> str:
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return text if len(text) <= 120 else text[:117] + "..."
-
-
-def summarise_intensity(stats: Sequence[CaseStats]) -> dict[str, float | None]:
-    """Intensity range and mean over cases (from full checks), for per-site summaries."""
-    known = [s for s in stats if s.mean is not None]
-    if not known:
-        return {"min": None, "max": None, "mean": None, "std": None}
-    return {
-        "min": min(s.minimum for s in known),
-        "max": max(s.maximum for s in known),
-        "mean": float(np.mean([s.mean for s in known])),
-        "std": float(np.mean([s.std for s in known])),
-    }
-

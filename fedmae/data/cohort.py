@@ -8,50 +8,34 @@ Order of work, all before any training step:
 3. divide the cases into sites: the data's own sites (natural) or a simulated partition (IID,
    Dirichlet label skew, quantity skew), keeping each patient's cases together;
 4. split each site into train / validation / test: official splits are kept, the rest drawn from
-   the seed; the result is written to a split file and, when the file exists, read back instead.
+   the seed; the result is written to a split file and, when the file exists, read back instead
+   (:mod:`fedmae.data.splits`).
+A run also records and logs the data it uses (:mod:`fedmae.data.report`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fedmae.data import partition
-from fedmae.data.badfiles import BAD_CASES, DURING_TRAINING, read_problems, write_problems
+from fedmae.data.badfiles import BAD_CASES
 from fedmae.data.catalog import SPLITS, UNLABELLED, Case, Catalog, DataError, Problem
 from fedmae.data.checks import ScanResult, scan
 from fedmae.data.preprocess import Preprocessing, resolve_preprocessing
+from fedmae.data.report import format_site_table, site_summary, write_reports
 from fedmae.data.sources import read_catalog
-from fedmae.data.splits import split_indices
+from fedmae.data.splits import SiteData, read_split_file, split_file_content, split_indices, write_split_file
 from fedmae.data.tasks import TaskSpec, resolve_task
 
 if TYPE_CHECKING:
     from fedmae.config import ExperimentConfig
 
 log = logging.getLogger(__name__)
-
-SPLIT_FILE_FORMAT = 1
-SUMMARY = "data_summary.json"
-SPLITS_JSON = "splits.json"
-
-
-@dataclass
-class SiteData:
-    name: str
-    train: list[Case]
-    val: list[Case]
-    test: list[Case]
-    unlabelled: list[Case] = field(default_factory=list)  # pre-training only
-
-    def split(self, name: str) -> list[Case]:
-        return getattr(self, name)
 
 
 @dataclass
@@ -134,10 +118,9 @@ def build_cohort(
     assignment = _assign(cases, catalog, cfg, skipped_ids=bad, write=write_split_file)
     cohort = Cohort(catalog, _sites(cases, assignment), resolve_preprocessing(cfg, catalog), checked, problems, task)
     if report_dir is not None:  # a run: record and show the data it uses
-        from fedmae.data.summary import format_site_table
-
-        write_reports(cohort, cfg, Path(report_dir), assignment)
-        log.info("sites:\n%s", format_site_table(cohort))
+        split_file = split_file_content(assignment, catalog, cfg)
+        write_reports(Path(report_dir), split_file, catalog, cohort.sites, checked, problems)
+        log.info("sites:\n%s", format_site_table(site_summary(cohort.sites, catalog, checked.stats)))
     return cohort
 
 
@@ -176,7 +159,7 @@ def _assign(
     """case id -> (site, split): from the split file when it exists, else partitioned and drawn."""
     d = cfg.data
     if d.split_file is not None and Path(d.split_file).is_file():
-        return _read_split_file(Path(d.split_file), cases, skipped_ids)
+        return read_split_file(Path(d.split_file), cases, skipped_ids)
     groups = _groups(cases)
     site_of_group = _partition(groups, catalog, cfg)
     official = {c.split for c in cases if c.split in SPLITS}
@@ -201,7 +184,7 @@ def _assign(
                 for case in groups[free[i]]:
                     assignment[case.case_id] = (site, split)
     if d.split_file is not None and write:
-        _write_json(Path(d.split_file), split_file_content(assignment, catalog, cfg))
+        write_split_file(Path(d.split_file), split_file_content(assignment, catalog, cfg))
         log.info("wrote the splits to %s; later runs reuse them", d.split_file)
     return assignment
 
@@ -280,73 +263,3 @@ def _sites(cases: list[Case], assignment: dict[str, tuple[str, str]]) -> list[Si
         if not site.train and not site.unlabelled:
             raise DataError(f"site {site.name}: no training cases; use fewer sites or smaller val/test fractions")
     return list(sites.values())
-
-
-# ---------------------------------------------------------------------------------------------
-# split files and reports
-
-
-def split_file_content(assignment: dict[str, tuple[str, str]], catalog: Catalog, cfg: ExperimentConfig) -> dict[str, Any]:
-    sites: dict[str, dict[str, list[str]]] = {}
-    for case_id, (site, split) in assignment.items():
-        sites.setdefault(site, {s: [] for s in (*SPLITS, UNLABELLED)})[split].append(case_id)
-    return {
-        "format": SPLIT_FILE_FORMAT,
-        "source": catalog.source,
-        "root": catalog.root,
-        "seed": cfg.seed,
-        "partition": cfg.data.partition,
-        "sites": sites,
-    }
-
-
-def _read_split_file(path: Path, cases: list[Case], skipped_ids: set[str]) -> dict[str, tuple[str, str]]:
-    try:
-        content = json.loads(path.read_text())
-        sites = content["sites"]
-        assignment = {
-            case_id: (site, split)
-            for site, splits in sites.items()
-            for split, ids in splits.items()
-            for case_id in ids
-        }
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: not a fedmae split file ({type(err).__name__}: {err}); delete it to draw new splits") from None
-    bad_split = next((s for splits in sites.values() for s in splits if s not in (*SPLITS, UNLABELLED)), None)
-    if bad_split is not None:
-        raise DataError(f"{path}: unknown split {bad_split!r}; use {', '.join((*SPLITS, UNLABELLED))}")
-    known = {c.case_id for c in cases}
-    missing = [c.case_id for c in cases if c.case_id not in assignment]
-    if missing:
-        raise DataError(f"{path}: does not place case {missing[0]} ({len(missing)} in all); delete it to draw new splits")
-    unknown = [i for i in assignment if i not in known and i not in skipped_ids]
-    if unknown:
-        raise DataError(f"{path}: lists case {unknown[0]} which the data set does not have ({len(unknown)} in all)")
-    log.info("using the splits in %s", path)
-    return {i: a for i, a in assignment.items() if i in known}
-
-
-def write_reports(cohort: Cohort, cfg: ExperimentConfig, folder: Path, assignment: dict[str, tuple[str, str]]) -> None:
-    """The run's record of its data: the splits used, the per-site summary, the cases left out."""
-    from fedmae.data.summary import site_summary
-
-    folder.mkdir(parents=True, exist_ok=True)
-    _write_json(folder / SPLITS_JSON, split_file_content(assignment, cohort.catalog, cfg))
-    _write_json(folder / SUMMARY, {"source": cohort.catalog.source, "root": cohort.catalog.root, "sites": site_summary(cohort)})
-    # The checks' problems, and those this run (resumed) met while training (fedmae.data.badfiles).
-    path = folder / BAD_CASES
-    during_training = [p for p in read_problems(path) if p.message.endswith(DURING_TRAINING)]
-    problems = [*cohort.skipped, *(p for p in during_training if p not in cohort.skipped)]
-    if problems:
-        write_problems(path, problems)
-    else:
-        path.unlink(missing_ok=True)  # from an earlier attempt whose files have been fixed since
-
-
-def _write_json(path: Path, content: Any) -> None:
-    """Atomically: a crash never leaves half a split file that a later run would trust."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(content, f, indent=1)
-    os.replace(tmp, path)

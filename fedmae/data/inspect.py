@@ -1,4 +1,8 @@
-"""`fedmae data inspect`: everything about a data set and every problem, without training."""
+"""`fedmae data inspect`: read and check a data set as a run would, without training or writing.
+
+The checks are :mod:`fedmae.data.checks`, the sites and splits :mod:`fedmae.data.cohort`, the text
+:mod:`fedmae.data.report`; this module runs them for a config or for a folder given on the command line.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +16,8 @@ from fedmae.config import ExperimentConfig, config_from_dict
 from fedmae.data.catalog import Catalog, DataError, Problem
 from fedmae.data.checks import ScanResult
 from fedmae.data.cohort import build_cohort, read_and_check
+from fedmae.data.report import inspect_report, what_a_run_would_do
 from fedmae.data.sources import detect_source
-from fedmae.data.summary import inspect_report
 from fedmae.data.tasks import TaskSpec
 
 
@@ -55,25 +59,10 @@ def _report(cfg: ExperimentConfig, catalog: Catalog, task: TaskSpec | str, check
     except DataError as err:
         cohort = None
         problems.append(Problem(catalog.root, str(err)))
-    report = inspect_report(catalog, checked, cohort, problems)
+    report = inspect_report(catalog, checked, None if cohort is None else cohort.sites, problems)
     if checked.problems:
         report += "\n" + what_a_run_would_do(checked.problems, cfg.data.skip_bad_cases, cohort is not None)
     return report, problems
-
-
-def what_a_run_would_do(problems: list[Problem], skip_bad_cases: bool, sites_shown: bool) -> str:
-    """One line on what training would do with these problems (inspection itself changes nothing)."""
-    bad = len({p.case_id for p in problems if p.case_id})
-    if not bad:
-        skipping = "go on despite these problems (none of them belongs to one case)"
-    elif sites_shown:
-        skipping = f"leave these {bad} case(s) out (as the sites table above does) and list them in bad_cases.csv"
-    else:
-        skipping = f"leave these {bad} case(s) out, list them in bad_cases.csv, and then stop at the last problem above"
-    only = "inspect itself only reports and writes no bad_cases.csv"
-    if skip_bad_cases:
-        return f"this config has data.skip_bad_cases: true, so a run would {skipping}; {only}"
-    return f"a run would stop at the first problem; with data.skip_bad_cases: true it would {skipping}; {only}"
 
 
 @contextlib.contextmanager

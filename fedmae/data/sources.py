@@ -1,12 +1,11 @@
-"""From a config (or a path given to `fedmae data inspect`) to a :class:`Catalog`."""
+"""From a config (or a path given to `fedmae data inspect`) to a :class:`Catalog`: which reader reads it."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fedmae.data import synthetic
-from fedmae.data.catalog import Case, Catalog, DataError
+from fedmae.data.catalog import Catalog, DataError
 
 if TYPE_CHECKING:
     from fedmae.config import ExperimentConfig
@@ -18,7 +17,9 @@ def read_catalog(cfg: ExperimentConfig) -> Catalog:
     """The configured data source's cases; nothing but indexes is read."""
     d = cfg.data
     if d.source == "synthetic":
-        return synthetic_catalog(cfg)
+        from fedmae.data.synthetic import read_synthetic
+
+        return read_synthetic(cfg)
     if d.source == "decathlon":
         from fedmae.data.decathlon import read_decathlon
 
@@ -38,37 +39,6 @@ def read_catalog(cfg: ExperimentConfig) -> Catalog:
 
         return read_medmnist(d.root)
     raise ValueError(f"unknown data source {d.source!r}")  # the config's Literal rules this out
-
-
-def synthetic_catalog(cfg: ExperimentConfig) -> Catalog:
-    """The built-in hospitals as a catalogue: in-memory images with label maps and findings."""
-    d = cfg.data
-    hospitals = synthetic.generate_hospitals(
-        num_sites=d.num_sites,
-        cases_per_site=d.cases_per_site,
-        spatial_dims=cfg.spatial_dims,
-        shape=tuple(cfg.data_image_size),
-        in_channels=cfg.model.in_channels,
-        seed=cfg.seed,
-        heterogeneity=d.heterogeneity,
-        patient_variation=d.patient_variation,
-    )
-    cases = [
-        Case(case_id=c.case_id, image=c.image, label=c.label, findings=c.findings, site=site)
-        for site, site_cases in hospitals.items()
-        for c in site_cases
-    ]
-    return Catalog(
-        source="synthetic",
-        root="<built-in>",
-        modality="other",
-        spatial_dims=cfg.spatial_dims,
-        cases=cases,
-        findings=synthetic.FINDINGS,
-        exclusive=False,
-        seg_classes=synthetic.ORGANS,
-        channels=cfg.model.in_channels,
-    )
 
 
 def detect_source(path: str | Path) -> str:

@@ -17,6 +17,8 @@ Axes: 2D images are (AP, LR) = (rows: anterior at the top, cols: patient right o
 slice in radiological display. 3D volumes are (AP, LR, SI) so ``volume[..., k]`` is such an axial slice
 (the last axis runs inferior -> superior). Coordinates are normalised to [-1, 1] per axis, so non-square
 shapes stretch the anatomy to fill the field of view.
+
+:func:`read_synthetic` is the reader for ``data.source: synthetic``: the hospitals as a :class:`Catalog`.
 """
 
 from __future__ import annotations
@@ -24,8 +26,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+from fedmae.data.catalog import Case, Catalog
+
+if TYPE_CHECKING:
+    from fedmae.config import ExperimentConfig
 
 FINDINGS: tuple[str, ...] = ("lesion", "cyst", "calcification", "enlarged_liver", "fatty_liver")
 ORGANS: tuple[str, ...] = ("background", "liver", "spleen", "kidney_left", "kidney_right", "spine")
@@ -410,3 +418,34 @@ def generate_hospitals(num_sites: int, cases_per_site: int | Sequence[int], spat
         raise ValueError(f"patient_variation must be non-negative, got {patient_variation}")
     return {sc.name: generate_site(k, n, spatial_dims, shape, in_channels, sc, seed, patient_variation)
             for k, (sc, n) in enumerate(zip(scanners, counts))}
+
+
+def read_synthetic(cfg: ExperimentConfig) -> Catalog:
+    """The built-in hospitals as a catalogue: in-memory images with label maps and findings."""
+    d = cfg.data
+    hospitals = generate_hospitals(
+        num_sites=d.num_sites,
+        cases_per_site=d.cases_per_site,
+        spatial_dims=cfg.spatial_dims,
+        shape=tuple(cfg.data_image_size),
+        in_channels=cfg.model.in_channels,
+        seed=cfg.seed,
+        heterogeneity=d.heterogeneity,
+        patient_variation=d.patient_variation,
+    )
+    cases = [
+        Case(case_id=c.case_id, image=c.image, label=c.label, findings=c.findings, site=site)
+        for site, site_cases in hospitals.items()
+        for c in site_cases
+    ]
+    return Catalog(
+        source="synthetic",
+        root="<built-in>",
+        modality="other",
+        spatial_dims=cfg.spatial_dims,
+        cases=cases,
+        findings=FINDINGS,
+        exclusive=False,
+        seg_classes=ORGANS,
+        channels=cfg.model.in_channels,
+    )

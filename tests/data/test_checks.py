@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from fedmae.data.catalog import Case, Catalog, nifti_stem
-from fedmae.data.checks import check_case, scan, summarise_intensity
+from fedmae.data.checks import check_case, scan
 from fedmae.data.chestxray14 import read_chestxray14
 from fedmae.data.decathlon import read_decathlon
+from fedmae.data.report import summarise_intensity
 from tests.data.builders import plant_faults, write_chestxray14, write_decathlon, write_nifti
 
 SHAPE = (12, 10, 8)  # distinct axes, so a transposed shape would show

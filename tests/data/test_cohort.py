@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from fedmae.config import config_from_dict
+from fedmae.data.badfiles import BAD_CASES
 from fedmae.data.catalog import UNLABELLED, DataError
-from fedmae.data.cohort import BAD_CASES, SPLITS_JSON, SUMMARY, load_cohort
+from fedmae.data.cohort import load_cohort
 from fedmae.data.datasets import finetuning_dataset, pretraining_dataset
+from fedmae.data.report import SPLITS_JSON, SUMMARY
 from fedmae.engine.pretrain import pretrain, site_images
 from tests.data.builders import write_chestxray14, write_decathlon, write_medmnist
 from tests.tiny import tiny_raw
