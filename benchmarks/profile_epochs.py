@@ -51,7 +51,7 @@ def categorise(frames: list[str]) -> str:
         return "checkpoint writing"
     if has("evaluate_sites"):
         return "start-up and other (once)"  # the final test evaluation, once per run
-    if has("reconstruction_loss", "evaluate_dataset", "evaluate_loader"):
+    if has("reconstruction_loss", "evaluate_dataset", "loader_metrics"):
         return "validation"
     if has("train_one_epoch"):
         if has("backward", "_engine_run_backward"):

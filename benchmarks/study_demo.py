@@ -39,7 +39,7 @@ def one_seed(config: str, pre: list[str], variants: list[list[str]], seed: int, 
     from fedmae.comparison.run import finetune_site
     from fedmae.config import load_config
     from fedmae.data.cohort import load_cohort
-    from fedmae.evaluation import weighted_mean
+    from fedmae.metrics import weighted_mean
 
     cfg = load_config(config, [*pre, f"seed={seed}"])
     folder = Path(out) / f"pre-{_tag(pre)}" / f"seed-{seed}"

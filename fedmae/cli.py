@@ -8,14 +8,15 @@ exit status 2; nothing is written before the config has been validated.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
 from typing import Any
 
 from fedmae import __version__
-from fedmae.config import ConfigError, ExperimentConfig, load_config, validate_federated
+from fedmae.config import ExperimentConfig, load_config, validate_federated
+from fedmae.metrics import Metrics, main_metric, metrics_table
+from fedmae.typed_yaml import ConfigError
 
 log = logging.getLogger("fedmae")
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -143,11 +144,12 @@ def _finetune(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
 
 
 def _evaluate(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
-    from fedmae.checkpoint import atomic_write_text, load_checkpoint
+    from fedmae.checkpoint import load_checkpoint
     from fedmae.data.cohort import load_cohort
     from fedmae.engine.finetune import evaluate_sites
     from fedmae.engine.device import resolve_device
     from fedmae.engine.runs import check_output_dir
+    from fedmae.files import atomic_write_json
     from fedmae.models.factory import build_finetune_model
     from fedmae.models.state import load_model_state
 
@@ -159,8 +161,7 @@ def _evaluate(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
     model = build_finetune_model(cfg, cohort.task.num_outputs)
     load_model_state(model, payload["model"], str(args.checkpoint))
     report = evaluate_sites(model.to(device), cohort, cfg, device, split=args.split)
-    path = atomic_write_text(out / f"evaluation_{args.split}.json",
-                             json.dumps({"checkpoint": str(args.checkpoint), **report}, indent=2))
+    path = atomic_write_json(out / f"evaluation_{args.split}.json", {"checkpoint": str(args.checkpoint), **report})
     _print_report(report)
     print(f"metrics: {path}")
     return 0
@@ -181,7 +182,7 @@ def _simulate(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
     cohort = load_cohort(cfg)  # check the data (and count the sites) before Flower starts
     check_site_count(cfg, len(cohort.sites))
     claim_output_dir(out, "federated", cfg, force=args.force, previous_outputs=RUN_OUTPUTS)
-    status = simulate(args.config, args.set, cfg, len(cohort.sites), out, resume=args.resume)
+    status = simulate(cfg, len(cohort.sites), out, resume=args.resume)
     result = finished_summary(out)
     if result is None:  # flwr run exits 0 even when the ServerApp raised: fedmae's record decides
         reason = failure(out) or f"flwr run exit status {status}"
@@ -191,28 +192,17 @@ def _simulate(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
     summary = out / "summary.json"
     test = result.get("finetune", {}).get("test")
     if test:
-        rows = {"pooled (weighted)": _as_report(test["pooled (example-weighted mean)"]),
-                **{site: _as_report(m) for site, m in sorted(test["sites"].items())}}
-        print(_table(rows))
+        main = main_metric(cohort.task)  # the flat metrics in summary.json do not name it
+        rows = {"pooled (weighted)": test["pooled (example-weighted mean)"], **dict(sorted(test["sites"].items()))}
+        print(metrics_table({name: Metrics.from_flat(flat, main) for name, flat in rows.items()}))
     print(f"global checkpoints: {out / 'global'}; per-site metrics: {out / 'rounds.jsonl'}; summary: {summary}")
     return 0
-
-
-def _as_report(flat: dict[str, float]) -> dict[str, Any]:
-    """Flat site metrics ('auc/lesion': 0.7, 'mean_auc': 0.6, 'main': 0.6) as a table row."""
-    main = next((k for k in flat if k not in ("main", "num-examples") and "/" not in k), "main")
-    per_class: dict[str, dict[str, float]] = {}
-    for key, value in flat.items():
-        if "/" in key:
-            kind, name = key.split("/", 1)
-            per_class.setdefault(kind, {})[name] = value
-    return {"main": main, main: flat.get(main), "per_class": per_class or {"": {}}}
 
 
 def _compare(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
     from fedmae.comparison.run import run_comparison
 
-    run_comparison(cfg, args.config, args.set, _output(cfg, args, "compare"), force=args.force)
+    run_comparison(cfg, args.config, _output(cfg, args, "compare"), force=args.force)
     return 0
 
 
@@ -248,7 +238,7 @@ def _inspect(args: argparse.Namespace) -> int:
         report, problems = inspect_path(args.path, modality=args.modality, quick=args.quick, overrides=args.set)
     print(report)
     if args.problems is not None:
-        from fedmae.data.cohort import write_problems
+        from fedmae.data.badfiles import write_problems
 
         write_problems(args.problems, problems)
         print(f"problems written to {args.problems}")
@@ -256,26 +246,9 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _print_report(report: dict[str, Any]) -> None:
-    print(_table({"pooled": report["pooled"], **report["sites"]}, split=report.get("split", "test")))
-
-
-def _table(rows: dict[str, dict[str, Any]], split: str = "test") -> str:
-    """Plain-text table: one row per entry, the main metric then each per-class score."""
-    pooled = {name: r.get("pooled", r) for name, r in rows.items()}
-    first = next(iter(pooled.values()))
-    main = first["main"]
-    kind, per_class = next(iter(first["per_class"].items()))
-    headers = ["", f"{split} {main}", *[f"{kind} {c}" for c in per_class]]
-    body = [
-        [name, _fmt(r[main]), *[_fmt(r["per_class"].get(kind, {}).get(c)) for c in per_class]] for name, r in pooled.items()
-    ]
-    widths = [max(len(str(row[i])) for row in [headers, *body]) for i in range(len(headers))]
-    lines = ["  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)) for row in [headers, *body]]
-    return "\n".join(lines)
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None or value != value else f"{value:.3f}"
+    """A test_metrics.json / evaluation_<split>.json report as a table: pooled, then each site."""
+    rows = {"pooled": report["pooled"], **report["sites"]}
+    print(metrics_table({name: Metrics.from_json(m) for name, m in rows.items()}, split=report["split"]))
 
 
 if __name__ == "__main__":

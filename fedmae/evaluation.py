@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterable
-from typing import Any
 
 import numpy as np
 import torch
@@ -20,13 +19,7 @@ from torch import nn
 
 from fedmae.data.datasets import TaskSpec
 from fedmae.engine.device import autocast, to_device
-
-
-def main_metric(task: TaskSpec) -> str:
-    """The metric used for model selection and headline reporting."""
-    if task.type == "segmentation":
-        return "mean_dice"
-    return "mean_auc" if task.multi_label else "accuracy"
+from fedmae.metrics import Metrics, main_metric
 
 
 @torch.no_grad()
@@ -38,41 +31,37 @@ def evaluate(
     roi_size: tuple[int, ...],
     overlap: float = 0.5,
     hd95: bool = False,
-) -> dict[str, Any]:
-    """Metrics of ``model`` over ``loader``: {"main": name, name: value, ..., "per_class": {...}}."""
+) -> Metrics:
+    """Task metrics of ``model`` over ``loader``."""
     model.eval()
     if task.type == "classification":
         return _classification(model, loader, task, device)
     return _segmentation(model, loader, task, device, roi_size, overlap, hd95)
 
 
-def _classification(model, loader, task: TaskSpec, device) -> dict[str, Any]:
+def _classification(model, loader, task: TaskSpec, device) -> Metrics:
     logits, targets = [], []
     for batch in loader:
         with autocast(device):
             logits.append(model(batch["image"].to(device, non_blocking=True)).float().cpu())
         targets.append(batch["label"])
     y_logit, y = torch.cat(logits), torch.cat(targets)
-    result: dict[str, Any] = {"main": main_metric(task), "cases": len(y)}
+    main = main_metric(task)
     if task.multi_label:
         with warnings.catch_warnings():  # a class with one label value in a small split has no AUC
             warnings.simplefilter("ignore")
             aucs = np.atleast_1d(compute_roc_auc(torch.sigmoid(y_logit), y, average="none"))
-        per_class = {name: _number(a) for name, a in zip(task.class_names, aucs)}
-        result["mean_auc"] = _nanmean(per_class.values())
-        result["per_class"] = {"auc": per_class}
-    else:
-        predicted = y_logit.argmax(dim=1)
-        result["accuracy"] = float((predicted == y).float().mean())
-        recall = {
-            name: _number(float((predicted[y == c] == c).float().mean()) if (y == c).any() else math.nan)
-            for c, name in enumerate(task.class_names)
-        }
-        result["per_class"] = {"recall": recall}
-    return result
+        auc = {name: _number(a) for name, a in zip(task.class_names, aucs)}
+        return Metrics(main, {"mean_auc": _nanmean(auc.values())}, {"auc": auc}, len(y))
+    predicted = y_logit.argmax(dim=1)
+    recall = {
+        name: _number(float((predicted[y == c] == c).float().mean()) if (y == c).any() else math.nan)
+        for c, name in enumerate(task.class_names)
+    }
+    return Metrics(main, {"accuracy": float((predicted == y).float().mean())}, {"recall": recall}, len(y))
 
 
-def _segmentation(model, loader, task: TaskSpec, device, roi_size, overlap, hd95) -> dict[str, Any]:
+def _segmentation(model, loader, task: TaskSpec, device, roi_size, overlap, hd95) -> Metrics:
     # Softmax models include background in their outputs; it is left out of the scores.
     include_background = task.multi_label
     dice = DiceMetric(include_background=include_background, reduction="mean_batch", ignore_empty=True)
@@ -98,16 +87,14 @@ def _segmentation(model, loader, task: TaskSpec, device, roi_size, overlap, hd95
                 )
         cases += image.shape[0]
     scored = task.class_names if include_background else task.class_names[1:]
-    per_class = {name: _number(v) for name, v in zip(scored, dice.aggregate().cpu().tolist())}
-    result: dict[str, Any] = {"main": "mean_dice", "cases": cases, "mean_dice": _nanmean(per_class.values())}
-    result["per_class"] = {"dice": per_class}
+    per_class = {"dice": {name: _number(v) for name, v in zip(scored, dice.aggregate().cpu().tolist())}}
+    values = {"mean_dice": _nanmean(per_class["dice"].values())}
     if hd95:
         table = torch.cat(distances)  # (cases, classes)
         finite = torch.where(torch.isfinite(table), table, torch.nan)
-        hd = {name: _number(float(torch.nanmean(finite[:, i]))) for i, name in enumerate(scored)}
-        result["mean_hd95"] = _nanmean(hd.values())
-        result["per_class"]["hd95"] = hd
-    return result
+        per_class["hd95"] = {name: _number(float(torch.nanmean(finite[:, i]))) for i, name in enumerate(scored)}
+        values["mean_hd95"] = _nanmean(per_class["hd95"].values())
+    return Metrics(main_metric(task), values, per_class, cases)
 
 
 def _number(value: float) -> float | None:
@@ -120,26 +107,3 @@ def _nanmean(values: Iterable[float | None]) -> float | None:
     defined = [v for v in values if v is not None]
     return float(np.mean(defined)) if defined else None
 
-
-def weighted_mean(per_site: Iterable[dict[str, float]], weight: str = "num-examples") -> dict[str, float]:
-    """Each metric's mean over sites weighted by their examples, skipping sites where it is NaN."""
-    per_site = list(per_site)
-    names = {k for metrics in per_site for k in metrics if k != weight}
-    result = {}
-    for name in sorted(names):
-        pairs = [(m[name], m.get(weight, 1.0)) for m in per_site if name in m and math.isfinite(m[name])]
-        total = sum(w for _, w in pairs)
-        result[name] = sum(v * w for v, w in pairs) / total if total else math.nan
-    result[weight] = float(sum(m.get(weight, 0.0) for m in per_site))
-    return result
-
-
-def finite_or_null(value: Any) -> Any:
-    """NaN (a metric undefined at a site, e.g. AUC without positives) becomes None (null): strict JSON."""
-    if isinstance(value, dict):
-        return {k: finite_or_null(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite_or_null(v) for v in value]
-    if isinstance(value, float) and value != value:
-        return None
-    return value

@@ -34,16 +34,16 @@ def test_multilabel_auc_per_class_and_mean():
     logits = torch.tensor([[3.0, 1.0], [-3.0, 0.0], [2.0, -1.0], [-2.0, -0.5]])  # class a perfect; class b AUC 0.25
     task = TaskSpec("classification", True, ("a", "b"))
     result = evaluate(Fixed(logits), batches(torch.zeros(4, 1, 8, 8), labels), task, CPU, (8, 8))
-    assert result["main"] == "mean_auc"
-    assert result["per_class"]["auc"] == {"a": 1.0, "b": 0.25}
-    assert result["mean_auc"] == pytest.approx(0.625)
+    assert result.main == "mean_auc"
+    assert result.per_class["auc"] == {"a": 1.0, "b": 0.25}
+    assert result.values["mean_auc"] == pytest.approx(0.625)
 
 
 def test_auc_undefined_for_a_class_with_one_label_value():
     labels = torch.tensor([[1, 0], [0, 0]], dtype=torch.float32)
     task = TaskSpec("classification", True, ("a", "b"))
     result = evaluate(Fixed(torch.tensor([[1.0, 0.0], [0.0, 1.0]])), batches(torch.zeros(2, 1, 8, 8), labels), task, CPU, (8, 8))
-    assert result["per_class"]["auc"]["b"] is None and result["mean_auc"] == 1.0
+    assert result.per_class["auc"]["b"] is None and result.values["mean_auc"] == 1.0
 
 
 def test_multiclass_accuracy_and_recall():
@@ -51,8 +51,8 @@ def test_multiclass_accuracy_and_recall():
     logits = torch.nn.functional.one_hot(torch.tensor([0, 2, 2, 2]), 3).float()
     task = TaskSpec("classification", False, ("none", "x", "y"))
     result = evaluate(Fixed(logits), batches(torch.zeros(4, 1, 8, 8), labels), task, CPU, (8, 8))
-    assert result["accuracy"] == 0.75
-    assert result["per_class"]["recall"] == {"none": 1.0, "x": 0.0, "y": 1.0}
+    assert result.values["accuracy"] == 0.75
+    assert result.per_class["recall"] == {"none": 1.0, "x": 0.0, "y": 1.0}
 
 
 class Oracle(nn.Module):
@@ -75,8 +75,8 @@ def test_sliding_window_dice_is_one_for_perfect_segmentation_of_larger_images(di
     task = TaskSpec("segmentation", False, ("background", "a", "b"))
     roi = (8,) * dims  # smaller than the image: the sliding window has to cover it
     result = evaluate(Oracle(3), batches(label.float(), label), task, CPU, roi, overlap=0.5, hd95=True)
-    assert result["per_class"]["dice"] == {"a": pytest.approx(1.0), "b": pytest.approx(1.0)}
-    assert result["per_class"]["hd95"] == {"a": 0.0, "b": 0.0}
+    assert result.per_class["dice"] == {"a": pytest.approx(1.0), "b": pytest.approx(1.0)}
+    assert result.per_class["hd95"] == {"a": 0.0, "b": 0.0}
 
 
 def test_dice_of_half_overlap():
@@ -86,4 +86,4 @@ def test_dice_of_half_overlap():
     image[0, 0, 2:6] = 1  # predicts 32 pixels, 16 of them right: Dice 0.5
     task = TaskSpec("segmentation", False, ("background", "a"))
     result = evaluate(Oracle(2), batches(image, label), task, CPU, (8, 8))
-    assert result["mean_dice"] == pytest.approx(0.5)
+    assert result.values["mean_dice"] == pytest.approx(0.5)

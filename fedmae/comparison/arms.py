@@ -24,8 +24,8 @@ from fedmae.config import ExperimentConfig
 from fedmae.data.cohort import Cohort
 from fedmae.engine.loop import MetricsLog
 from fedmae.engine.pretrain import LAST, pretrain
-from fedmae.evaluation import weighted_mean
 from fedmae.federated.run_record import failure, finished_summary
+from fedmae.metrics import weighted_mean
 
 Progress = Callable[[str], None]
 ARM_TITLES = {"centralised": "centralised", "federated": "federated (FedAvg)", "local": "local only", "none": "no pre-training"}
@@ -91,7 +91,7 @@ def local(cohort: Cohort, parts: dict[str, Pretrained]) -> Pretrained:
 
 
 def federated(cfg: ExperimentConfig, cohort: Cohort, folder: Path, progress: Progress,
-              config_path: Path, overrides: list[str], cpus: int | None = None) -> Pretrained:
+              cpus: int | None = None) -> Pretrained:
     """FedAvg pre-training on Flower's simulation engine; Flower's own log goes to ``flower.log``.
     Under the federated fine-tuning protocol the same Flower run fine-tunes afterwards.
     ``cpus``: the cores the simulation may use (default: the machine's)."""
@@ -107,8 +107,8 @@ def federated(cfg: ExperimentConfig, cohort: Cohort, folder: Path, progress: Pro
         watcher.start()
         try:
             with (folder / "flower.log").open("ab") as stream:
-                status = simulate(config_path, [*overrides, f"seed={cfg.seed}", f"federated.finetune={finetune}"], cfg,
-                                  len(cohort.sites), run, resume=last.exists(), stream=stream, cpus=cpus)
+                run_cfg = dataclasses.replace(cfg, federated=dataclasses.replace(cfg.federated, finetune=finetune))
+                status = simulate(run_cfg, len(cohort.sites), run, resume=last.exists(), stream=stream, cpus=cpus)
         finally:
             watcher.stop()
         summary = finished_summary(run)
@@ -143,8 +143,10 @@ class _RoundWatcher:
         self._thread.join(timeout=5)
 
     def _watch(self) -> None:
-        offset, sites = 0, []
-        while not self._stop.wait(1.0):
+        offset, sites, stopping = 0, [], False
+        while not stopping:
+            # One last look after stop(): the run may end within a second of its last round.
+            stopping = self._stop.wait(1.0)
             if not self.path.is_file():
                 continue
             with self.path.open("rb") as f:

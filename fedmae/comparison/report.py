@@ -6,16 +6,15 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import statistics
 from pathlib import Path
 from typing import Any
 
-from fedmae.checkpoint import atomic_write_text
 from fedmae.comparison.arms import ARM_TITLES
 from fedmae.config import ExperimentConfig
-from fedmae.evaluation import finite_or_null
+from fedmae.files import atomic_write_json, atomic_write_text
+from fedmae.metrics import finite_or_null, format_table, format_value
 
 POOLED = "pooled"
 # The paired comparisons the report makes, (a, b) for "a minus b": how close federation comes to
@@ -75,8 +74,8 @@ def _finite(value: Any) -> bool:
 def write_report(out: Path, results: list[dict[str, Any]], cfg: ExperimentConfig, plots: dict[str, Path]) -> Path:
     out = Path(out)
     summary = summarise(results, cfg)
-    atomic_write_text(out / "results.json", json.dumps(finite_or_null(
-        {"summary": summary, "runs": results, "config": cfg.to_dict()}), indent=2, allow_nan=False))
+    atomic_write_json(out / "results.json", finite_or_null({"summary": summary, "runs": results, "config": cfg.to_dict()}),
+                      allow_nan=False)
     atomic_write_text(out / "results.csv", _csv(results))
     lines = [
         f"# fedmae comparison: {cfg.name}",
@@ -111,17 +110,14 @@ def main_table(summary: dict[str, Any]) -> str:
     for arm, entry in summary["arms"].items():
         rows.append([ARM_TITLES[arm], cell(entry[POOLED][main]), *[cell(entry["sites"][s][main]) for s in sites],
                      cell(entry["final_val_loss"], digits=4), cell(entry["pretrain_seconds"], digits=0, std=False)])
-    return "\n".join("| " + " | ".join(row) + " |" for row in [header, ["---"] * len(header), *rows])
+    return format_table(header, rows, markdown=True)
 
 
 def cell(stats: dict[str, Any], digits: int = 3, std: bool = True) -> str:
     """'0.612 ± 0.010' (std over seeds; none shown for one seed); 'n/a' when undefined."""
-    mean = stats.get("mean")
-    if mean is None:
-        return "n/a"
-    text = f"{mean:.{digits}f}"
+    text = format_value(stats.get("mean"), digits)
     if std and stats.get("n", 0) > 1 and stats.get("std") is not None:
-        text += f" ± {stats['std']:.{digits}f}"
+        text += f" ± {format_value(stats['std'], digits)}"
     return text
 
 
@@ -146,7 +142,7 @@ def paired_table(summary: dict[str, Any]) -> str:
     rows = [[f"{ARM_TITLES[p['a']]} − {ARM_TITLES[p['b']]}",
              *[f"{p['per_seed'][str(s)]:+.3f}" if str(s) in p["per_seed"] else "n/a" for s in seeds],
              _signed(p), f"{p['agree']}/{p['n']}"] for p in paired.values()]
-    return "\n".join("| " + " | ".join(row) + " |" for row in [header, ["---"] * len(header), *rows])
+    return format_table(header, rows, markdown=True)
 
 
 def _signed(p: dict[str, Any]) -> str:

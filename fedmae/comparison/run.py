@@ -26,7 +26,6 @@ from typing import Any
 
 import yaml
 
-from fedmae.checkpoint import atomic_write_text
 from fedmae.comparison import arms, plots
 from fedmae.comparison.arms import ARM_TITLES
 from fedmae.comparison.report import summarise, tables, write_report
@@ -35,10 +34,10 @@ from fedmae.config import ExperimentConfig, validate_federated
 from fedmae.data.cohort import Cohort, load_cohort
 from fedmae.engine.finetune import finetune
 from fedmae.engine.runs import check_output_dir, check_resume_config, claim_output_dir
-from fedmae.evaluation import finite_or_null, weighted_mean
 from fedmae.federated.run_record import failure, finished_summary
 from fedmae.federated.settings import check_site_count
-from fedmae.federated.site import scalar_metrics
+from fedmae.files import atomic_write_json
+from fedmae.metrics import Metrics, finite_or_null, format_value, main_metric
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +61,14 @@ class ProgressLine:
         stream.flush()
 
 
-def run_comparison(cfg: ExperimentConfig, config_path: Path, overrides: list[str], out: Path, force: bool = False) -> Path:
+def run_comparison(cfg: ExperimentConfig, config_path: Path, out: Path, force: bool = False) -> Path:
     """Every arm (resuming), then the report and plots; prints the table; returns report.md.
     ``force``: start over in ``out`` instead of resuming (see :func:`claim`)."""
     out = Path(out).absolute()
     validate_federated(cfg, config_path, pretrain="federated" in cfg.compare.arms, finetune=cfg.compare.finetune == "federated")
     claim(out, cfg, force)
     cohorts: dict[int, Cohort] = {}
-    results = compare(cfg, config_path, overrides, out, cohorts=cohorts)
+    results = compare(cfg, out, cohorts=cohorts)
     figures = {
         "Pre-training loss": plots.pretraining_curves(results, out / "plots" / "pretrain_loss.png"),
         "Downstream metric per site and arm": plots.downstream(results, cfg, out / "plots" / "downstream.png"),
@@ -88,7 +87,7 @@ def run_comparison(cfg: ExperimentConfig, config_path: Path, overrides: list[str
     return report
 
 
-def compare(cfg: ExperimentConfig, config_path: Path, overrides: list[str], out: Path,
+def compare(cfg: ExperimentConfig, out: Path,
             progress: ProgressLine | None = None, cohorts: dict[int, Cohort] | None = None,
             threads: int | None = None) -> list[dict[str, Any]]:
     """Run (or finish) every arm for every seed; returns one result per (seed, arm). ``cohorts``
@@ -116,7 +115,7 @@ def compare(cfg: ExperimentConfig, config_path: Path, overrides: list[str], out:
                 cohorts[seed] = load_cohort(seed_cfg, report_dir=seed_dir)
                 if uses_flower(cfg):  # impossible federation settings end here, not after the other arms ran
                     check_site_count(seed_cfg, len(cohorts[seed].sites))
-            tasks += arm_tasks(arm, seed_cfg, cohorts[seed], seed_dir / arm, config_path, overrides, progress)
+            tasks += arm_tasks(arm, seed_cfg, cohorts[seed], seed_dir / arm, progress)
     workers, share = resolve_parallel(cfg.compare.parallel, len(tasks))
     if workers > 1:
         log.info("running %d independent runs in %d worker processes with %d thread(s) each", len(tasks), workers,
@@ -128,16 +127,15 @@ def compare(cfg: ExperimentConfig, config_path: Path, overrides: list[str], out:
         seed, arm = task.key[:2]
         if all(t.key in outputs for t in tasks if t.key[:2] == (seed, arm)):
             result = arm_result(arm, dataclasses.replace(cfg, seed=seed), cohorts[seed], outputs)
-            atomic_write_text(out / f"seed-{seed}" / arm / "result.json", json.dumps(result, indent=2, allow_nan=False))
-            progress.at(seed, arm)(f"done: test {result['main']} {_fmt(result['pooled'][result['main']])} (pooled over sites)")
+            atomic_write_json(out / f"seed-{seed}" / arm / "result.json", result, allow_nan=False)
+            progress.at(seed, arm)(f"done: test {result['main']} {format_value(result['pooled'][result['main']])} (pooled over sites)")
             finished[seed, arm] = result
 
     run_tasks(tasks, workers, threads or share, on_done)
     return [finished[seed, arm] for seed in cfg.compare.seeds for arm in cfg.compare.arms]
 
 
-def arm_tasks(arm: str, cfg: ExperimentConfig, cohort: Cohort, folder: Path, config_path: Path, overrides: list[str],
-              progress: ProgressLine) -> list[Task]:
+def arm_tasks(arm: str, cfg: ExperimentConfig, cohort: Cohort, folder: Path, progress: ProgressLine) -> list[Task]:
     """The runs of one arm of one seed: its pre-training (one per site for the local arm), then
     the fine-tuning protocol (one run per site, or one Flower run), each after what it starts from."""
     report = progress.at(cfg.seed, arm)
@@ -146,7 +144,7 @@ def arm_tasks(arm: str, cfg: ExperimentConfig, cohort: Cohort, folder: Path, con
     if arm == "local":
         pretraining = [Task((*key, "pretrain", s), arms.local_site, (cfg, cohort, s, folder, report)) for s in sites]
     elif arm == "federated":
-        pretraining = [Task((*key, "pretrain"), _federated_pretraining, (cfg, cohort, folder, config_path, overrides, report))]
+        pretraining = [Task((*key, "pretrain"), _federated_pretraining, (cfg, cohort, folder, report))]
     elif arm == "centralised":
         pretraining = [Task((*key, "pretrain"), arms.centralised, (cfg, cohort, folder, report))]
     else:
@@ -160,7 +158,7 @@ def arm_tasks(arm: str, cfg: ExperimentConfig, cohort: Cohort, folder: Path, con
                            after=after(s)) for s in sites]
     else:
         finetuning = [Task((*key, "finetune"), _finetune_federated,
-                           (arm, cfg, cohort, encoders, folder, config_path, overrides, report),
+                           (arm, cfg, cohort, encoders, folder, report),
                            after=tuple(t.key for t in pretraining))]
     return [*pretraining, *finetuning]
 
@@ -177,11 +175,11 @@ def arm_result(arm: str, cfg: ExperimentConfig, cohort: Cohort, outputs: dict[An
         finetune_seconds = sum(outputs[(*key, "finetune", site.name)][1] for site in cohort.sites)
     else:
         per_site, finetune_seconds = outputs[(*key, "finetune")]
-    pooled = weighted_mean(per_site.values())
-    main = next(k for k in pooled if k not in ("main", "num-examples") and "/" not in k)
+    main = main_metric(cohort.task)
+    pooled = Metrics.mean(Metrics.from_flat(flat, main) for flat in per_site.values())
     return finite_or_null({
         "arm": arm, "seed": cfg.seed, "finetune": cfg.compare.finetune, "main": main,
-        "sites": per_site, "pooled": pooled,
+        "sites": per_site, "pooled": pooled.flat(),
         "pretrain_curve": pre.curve,
         "final_val_loss": pre.curve[-1]["val_loss"] if pre.curve else None,
         # Each run's own time (their sum when several ran at once), so arms compare in work done.
@@ -189,10 +187,9 @@ def arm_result(arm: str, cfg: ExperimentConfig, cohort: Cohort, outputs: dict[An
     })
 
 
-def _federated_pretraining(cfg: ExperimentConfig, cohort: Cohort, folder: Path, config_path: Path, overrides: list[str],
-                           progress: ProgressLine) -> arms.Pretrained:
+def _federated_pretraining(cfg: ExperimentConfig, cohort: Cohort, folder: Path, progress: ProgressLine) -> arms.Pretrained:
     started = time.monotonic()
-    pre = arms.federated(cfg, cohort, folder, progress, config_path, overrides, cpus=worker_cores())
+    pre = arms.federated(cfg, cohort, folder, progress, cpus=worker_cores())
     # The whole simulation, Flower's start-up included, as a user waits for it (a rerun that
     # finds the run finished reports the run's own time).
     return dataclasses.replace(pre, seconds=max(pre.seconds, time.monotonic() - started))
@@ -209,16 +206,17 @@ def finetune_site(cfg: ExperimentConfig, cohort: Cohort, site: str, encoder: Pat
         if epoch % max(1, epochs // 5) == 0 or epoch == epochs:
             key, value = next(((k, v) for k, v in record.items() if k.startswith("val_")), (None, None))
             if key is not None:
-                progress(f"{site} fine-tuning on its own labels, epoch {epoch}/{epochs}: {key} {_fmt(value)}")
+                progress(f"{site} fine-tuning on its own labels, epoch {epoch}/{epochs}: {key} {format_value(value)}")
 
     own = arms.single_site(cohort, site)
     result = finetune(cfg, folder / site, encoder=encoder, resume=True, cohort=own, on_epoch_end=on_epoch)
-    return {**scalar_metrics(result.metrics["pooled"]), "num-examples": float(len(own.sites[0].test))}, result.seconds
+    # Its weight is its number of test cases (a file left out as bad still counts), as in a Flower site's reply.
+    flat = {**Metrics.from_json(result.metrics["pooled"]).flat(), "num-examples": float(len(own.sites[0].test))}
+    return flat, result.seconds
 
 
 def _finetune_federated(arm: str, cfg: ExperimentConfig, cohort: Cohort, encoders: dict[str, Path | None], folder: Path,
-                        config_path: Path, overrides: list[str], progress: Callable[[str], None]
-                        ) -> tuple[dict[str, dict[str, float]], float]:
+                        progress: Callable[[str], None]) -> tuple[dict[str, dict[str, float]], float]:
     """FedAvg of the whole fine-tune model on Flower's simulation engine, starting from the arm's
     encoder (the federated arm fine-tunes in the same Flower run that pre-trained it): (per-site
     test metrics, seconds)."""
@@ -235,10 +233,9 @@ def _finetune_federated(arm: str, cfg: ExperimentConfig, cohort: Cohort, encoder
             progress("federated fine-tuning on Flower's simulation engine")
             folder.mkdir(parents=True, exist_ok=True)
             with (folder / "flower.log").open("ab") as stream:
-                status = simulate(config_path, [*overrides, f"seed={cfg.seed}", "federated.finetune=federated",
-                                                f"federated.start_from={start or 'random'}"],
-                                  cfg, len(cohort.sites), run, resume=(run / "global").exists(), stream=stream,
-                                  cpus=worker_cores())
+                fed = dataclasses.replace(cfg.federated, finetune="federated", start_from=str(start or "random"))
+                status = simulate(dataclasses.replace(cfg, federated=fed), len(cohort.sites), run,
+                                  resume=(run / "global").exists(), stream=stream, cpus=worker_cores())
             summary = finished_summary(run)
             if summary is None:  # flwr run exits 0 even when the ServerApp raised: fedmae's record decides
                 raise RuntimeError(f"federated fine-tuning of the {arm} arm failed "
@@ -261,7 +258,3 @@ def claim(out: Path, cfg: ExperimentConfig, force: bool = False) -> None:
 
 def uses_flower(cfg: ExperimentConfig) -> bool:
     return "federated" in cfg.compare.arms or cfg.compare.finetune == "federated"
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None or value != value else f"{value:.3f}"

@@ -8,7 +8,6 @@ its rounds with the same :func:`finetune_epoch`.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -18,7 +17,7 @@ import torch
 from monai.losses import DiceCELoss
 from torch import nn
 
-from fedmae.checkpoint import atomic_write_text, load_checkpoint, load_encoder_checkpoint, save_checkpoint
+from fedmae.checkpoint import load_checkpoint, load_encoder_checkpoint, save_checkpoint
 from fedmae.config import ExperimentConfig
 from fedmae.data.badfiles import BAD_CASES, BadFiles
 from fedmae.data.catalog import Case
@@ -33,6 +32,8 @@ from fedmae.engine.optim import build_optimizer
 from fedmae.engine.pretrain import EpochCallback
 from fedmae.engine.runs import RunResult, Stopwatch, open_run, restore_or_start
 from fedmae.evaluation import evaluate
+from fedmae.files import atomic_write_json
+from fedmae.metrics import Metrics
 from fedmae.models.factory import build_finetune_model
 from fedmae.models.state import encoder_state, load_encoder, load_model_state
 
@@ -162,9 +163,10 @@ def finetune(
                                   "train_loss": train_loss}
         evaluated = due(epoch + 1, f.eval_every, f.epochs)
         if evaluated:
-            val = evaluate_loader(net, val_loader, task, cfg, device)
-            score = val[val["main"]] if val[val["main"]] is not None else -math.inf
-            record[f"val_{val['main']}"] = val[val["main"]]
+            scored = loader_metrics(net, val_loader, task, cfg, device)
+            val = scored.to_json()  # as checkpoints hold it
+            score = scored.main_value if scored.main_value is not None else -math.inf
+            record[f"val_{scored.main}"] = scored.main_value
             # Ties go to the later epoch: a validation metric that saturates on a small set (AUC 1.0)
             # must not freeze the choice at the first, least-trained epoch that reached it.
             if score >= best_score or not (best.exists() or unsaved_best is not None):
@@ -185,7 +187,7 @@ def finetune(
                 extra={**extra, "best_score": best_score},
             )
         log.info("finetune epoch %d: train loss %.4f%s", epoch + 1, train_loss,
-                 f", val {val['main']} {val[val['main']]}" if evaluated else "")
+                 f", val {scored.main} {scored.main_value}" if evaluated else "")
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, record)
 
@@ -193,22 +195,22 @@ def finetune(
     load_model_state(model, payload["model"], str(best))
     report = evaluate_sites(model, cohort, cfg, device, split="test", bad_files=bad_files)
     report.update(selected_epoch=payload["epoch"], val=payload["metrics"]["val"], init=init)
-    atomic_write_text(output_dir / "test_metrics.json", json.dumps(report, indent=2))
+    atomic_write_json(output_dir / "test_metrics.json", report)
     return RunResult(output_dir, best, report, watch.seconds)
 
 
 def evaluate_sites(model: nn.Module, cohort: Cohort, cfg: ExperimentConfig, device: torch.device, split: str,
                    bad_files: BadFiles | None = None) -> dict[str, Any]:
-    """Metrics on one split, pooled over all sites and per site."""
+    """Metrics on one split, pooled over all sites and per site (each in :meth:`Metrics.to_json` form)."""
     task, prep = cohort.task, cohort.prep
     bad_files = bad_files or BadFiles(cfg.data.skip_bad_cases, cases=cohort.catalog.cases)
     pooled = evaluate_dataset(model, finetuning_dataset(cohort.cases(split), task, cfg, prep, False), task, cfg, device,
-                              bad_files)
+                              bad_files).to_json()
     if len(cohort.sites) == 1:  # one site (a site fine-tuning alone): its metrics are the pooled ones
         return {"split": split, "pooled": pooled, "sites": {cohort.sites[0].name: pooled} if cohort.sites[0].split(split) else {}}
     per_site = {
         site.name: evaluate_dataset(model, finetuning_dataset(site.split(split), task, cfg, prep, False), task, cfg, device,
-                                    bad_files)
+                                    bad_files).to_json()
         for site in cohort.sites
         if site.split(split)
     }
@@ -222,11 +224,12 @@ def evaluation_loader(dataset: SeededDataset, task: TaskSpec, cfg: ExperimentCon
     return EpochLoader(dataset, batch, False, cfg.data.num_workers, device, bad_files or BadFiles(cfg.data.skip_bad_cases))
 
 
-def evaluate_loader(model: nn.Module, loader: EpochLoader, task: TaskSpec, cfg: ExperimentConfig,
-                    device: torch.device) -> dict[str, Any]:
+def loader_metrics(model: nn.Module, loader: EpochLoader, task: TaskSpec, cfg: ExperimentConfig,
+                   device: torch.device) -> Metrics:
+    """Task metrics of ``model`` on the cases of ``loader``, with the run's evaluation settings."""
     return evaluate(model, loader.epoch(cfg.seed), task, device, cfg.model.img_size, cfg.finetune.sw_overlap, cfg.task.hd95)
 
 
 def evaluate_dataset(model: nn.Module, dataset: SeededDataset, task: TaskSpec, cfg: ExperimentConfig,
-                     device: torch.device, bad_files: BadFiles | None = None) -> dict[str, Any]:
-    return evaluate_loader(model, evaluation_loader(dataset, task, cfg, device, bad_files), task, cfg, device)
+                     device: torch.device, bad_files: BadFiles | None = None) -> Metrics:
+    return loader_metrics(model, evaluation_loader(dataset, task, cfg, device, bad_files), task, cfg, device)

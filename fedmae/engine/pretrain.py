@@ -19,9 +19,10 @@ import torch
 from fedmae.checkpoint import load_checkpoint, save_checkpoint
 from fedmae.config import ExperimentConfig
 from fedmae.data.badfiles import BAD_CASES, BadFiles
-from fedmae.data.cohort import Cohort, SiteData, load_cohort
+from fedmae.data.cohort import Cohort, load_cohort
 from fedmae.data.datasets import ImageSource, pretraining_dataset
 from fedmae.data.loader import EpochLoader, epoch_seed
+from fedmae.data.splits import SiteData
 from fedmae.engine.device import autocast, compiled, resolve_device, to_device
 from fedmae.engine.loop import MetricsLog, Schedule, due, seed_everything, train_one_epoch
 from fedmae.engine.optim import build_optimizer

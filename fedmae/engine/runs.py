@@ -17,9 +17,10 @@ import yaml
 from torch import nn
 
 from fedmae import __version__
-from fedmae.checkpoint import Kind, atomic_write_text, load_checkpoint
+from fedmae.checkpoint import Kind, load_checkpoint
 from fedmae.config import ExperimentConfig
 from fedmae.engine.loop import MetricsLog
+from fedmae.files import atomic_write_json, atomic_write_text
 from fedmae.models.state import load_model_state
 
 log = logging.getLogger(__name__)
@@ -127,7 +128,7 @@ def claim_output_dir(output_dir: Path, command: str, cfg: ExperimentConfig, *, f
         previous = read_marker(output_dir)
         marker = _marker(command, cfg, previous)
         if marker != previous:
-            atomic_write_text(output_dir / MARKER, json.dumps(marker, indent=2))
+            atomic_write_json(output_dir / MARKER, marker)
         atomic_write_text(output_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     except OSError as err:
         raise OutputError(f"--output {output_dir}: cannot write ({err.strerror}); choose another path") from None
