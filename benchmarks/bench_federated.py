@@ -38,7 +38,7 @@ from fedmae.data.cohort import load_cohort  # noqa: E402
 from fedmae.engine.pretrain import pretrain  # noqa: E402
 from fedmae.federated.settings import experiment_config  # noqa: E402
 from fedmae.models.factory import build_mae  # noqa: E402
-from server.app import FederatedRun  # noqa: E402
+from server.app import federated_run  # noqa: E402
 from server.inprocess import InProcessGrid  # noqa: E402
 from sites.app import app as client_app  # noqa: E402
 
@@ -60,7 +60,7 @@ def in_process(folder: Path, args: argparse.Namespace, transport: str) -> dict:
     run_config = {"experiment": str(path), "overrides": "", "output-dir": str(folder / "out"), "resume": False}
     grid = InProcessGrid(client_app, [{"partition-id": i, "num-partitions": args.sites} for i in range(args.sites)], run_config)
     start = time.perf_counter()
-    FederatedRun(grid, experiment_config(run_config), folder / "out", resume=False).run()
+    federated_run(grid, experiment_config(run_config), folder / "out", resume=False).run()
     seconds = time.perf_counter() - start
     down = [b for direction, kind, b in grid.traffic if direction == "down" and kind == "train"]
     up = [b for direction, kind, b in grid.traffic if direction == "up" and kind == "train"]

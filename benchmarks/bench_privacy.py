@@ -79,7 +79,7 @@ def bytes_per_round(variant: str, out: Path, clip: float | None) -> dict[str, fl
     import yaml
 
     from fedmae.federated.settings import experiment_config
-    from server.app import FederatedRun
+    from server.app import federated_run
     from server.inprocess import InProcessGrid
     from sites.app import app as client_app
 
@@ -98,7 +98,7 @@ def bytes_per_round(variant: str, out: Path, clip: float | None) -> dict[str, fl
     for node in grid.get_node_ids():
         grid.faults[node] = lambda request, reply: (up.append(recorddict_to_proto(reply.content).ByteSize())
                                                     if request.metadata.message_type == "train" else None) or reply
-    FederatedRun(grid, experiment_config(run_config), out / f"bytes-{variant}", resume=False).run()
+    federated_run(grid, experiment_config(run_config), out / f"bytes-{variant}", resume=False).run()
     down = [recorddict_to_proto(m.content).ByteSize() for m in grid.sent if m.metadata.message_type == "train"]
     return {"up_bytes_per_site": sum(up) / 3, "down_bytes_per_site": sum(down) / 3}
 

@@ -44,3 +44,18 @@ def spent(accountant: RdpAccountant, privacy: PrivacyConfig) -> dict[str, Any]:
     return {"dp": privacy.dp, "noise_multiplier": privacy.noise_multiplier, "clipping_norm": privacy.clipping_norm,
             "epsilon": round(used.epsilon, 4), "delta": used.delta, "releases": used.num_releases,
             "guarantee": GUARANTEE}
+
+
+class Accountant:
+    """The run's accountant as :class:`fedmae.federated.federation.PrivacyLedger`; ``accountant``
+    is Flower's, which the DP strategy wrappers spend."""
+
+    def __init__(self, privacy: PrivacyConfig, num_sites: int, saved_ledger: str | None = None):
+        self.privacy = privacy
+        self.accountant = new_accountant(privacy, num_sites, saved_ledger)
+
+    def ledger(self) -> str:
+        return ledger(self.accountant)
+
+    def spent(self) -> dict[str, Any]:
+        return spent(self.accountant, self.privacy)

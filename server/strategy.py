@@ -2,8 +2,9 @@
 through their hooks (``configure_train``, ``aggregate_train``), never by copying ``start``.
 
 What the hooks add:
-- the run's true round number (a resumed run continues its numbering) and the phase go out
-  with every train message, and the weights go out in the configured wire precision;
+- the phase and the run's round number (a resumed run continues its numbering: the round
+  numbers given to the hooks are the run's) go out with every message, and the weights go out
+  in the configured wire precision;
 - every reply is checked before averaging: a failed site, a malformed reply, an update with
   missing / extra keys, wrong shapes or NaN/Inf is left out and logged with the site's name;
 - with fewer usable updates than ``min_sites`` the round keeps the previous global model;
@@ -43,8 +44,8 @@ from flwr.supercore.privacy_accounting import PrivacyAccountant
 
 from fedmae.config import ExperimentConfig
 from fedmae.engine.loop import MetricsLog
-from fedmae.evaluation import weighted_mean
 from fedmae.federated.updates import from_wire, to_wire, update_norm, update_problem
+from fedmae.metrics import weighted_mean
 
 log = logging.getLogger("fedmae.server")
 
@@ -57,14 +58,13 @@ EQUAL_WEIGHT = "dp-equal-weight"
 class GuardedRounds:
     """Mixin placed before a Flower strategy class: checked replies, logging, wire precision."""
 
-    def setup_rounds(self, *, phase: str, round_offset: int, transport: str, min_usable: int, metrics_log: MetricsLog,
+    def setup_rounds(self, *, phase: str, transport: str, min_usable: int, metrics_log: MetricsLog,
                      site_names: dict[int, str], evaluate_extra: dict[str, Any] | None = None,
                      fixed_keys: Iterable[str] = ()) -> None:
-        self.phase, self.round_offset, self.transport = phase, round_offset, transport
+        self.phase, self.transport = phase, transport
         self.fixed_keys = tuple(fixed_keys)
         self.min_usable, self.metrics_log, self.site_names = min_usable, metrics_log, site_names
         self.evaluate_extra = evaluate_extra or {}
-        self.last_evaluation: dict[str, float] = {}
         self.reference: dict[str, torch.Tensor] = {}
         self.sampled: list[int] = []
         self.requests: list[Message] = []  # this round's messages; the Grid sets their ids when it sends them
@@ -81,9 +81,8 @@ class GuardedRounds:
         return self.strategy if self.private else self  # type: ignore[attr-defined, return-value]
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        config["round"] = server_round + self.round_offset
+        config["round"] = server_round
         config["phase"] = self.phase
-        config["transport"] = self.transport
         self.reference = arrays.to_torch_state_dict()
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self.sampled = [m.metadata.dst_node_id for m in messages]
@@ -98,9 +97,8 @@ class GuardedRounds:
         return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        config["round"] = server_round + self.round_offset
+        config["round"] = server_round
         config["phase"] = self.phase
-        config["transport"] = self.transport
         for key, value in self.evaluate_extra.items():
             config[key] = value
         messages = list(super().configure_evaluate(server_round, arrays, config, grid))
@@ -112,23 +110,20 @@ class GuardedRounds:
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Per-site validation metrics to the log; their example-weighted mean (NaNs skipped) kept
-        in ``last_evaluation`` for model selection."""
-        run_round = server_round + self.round_offset
+        """Per-site validation metrics to the log; their example-weighted mean (NaNs skipped), on
+        which federated fine-tuning selects its model."""
         per_site = {}
         for message in replies:
             if message.has_error():
-                self._record(run_round, self.site_names.get(self._node_of(message), "?"), "evaluation failed",
+                self._record(server_round, self.site_names.get(self._node_of(message), "?"), "evaluation failed",
                              reason=message.error.reason)
                 continue
             site = str(message.content["site"]["name"])
             per_site[site] = _numbers(dict(message.content["metrics"]))
-            self.metrics_log.write({"phase": self.phase, "round": run_round, "site": site, "evaluation": per_site[site]})
-        self.last_evaluation = weighted_mean(per_site.values())
-        return MetricRecord(self.last_evaluation) if self.last_evaluation else None
+            self.metrics_log.write({"phase": self.phase, "round": server_round, "site": site, "evaluation": per_site[site]})
+        return MetricRecord(weighted_mean(per_site.values()))
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        run_round = server_round + self.round_offset
         replies = list(replies)
         key, weight_key = self.averaging.arrayrecord_key, self.averaging.weighted_by_key
         usable: list[Message] = []
@@ -138,7 +133,7 @@ class GuardedRounds:
             answered.add(node)
             site = self.site_names.get(node, f"node {node}")
             if message.has_error():
-                self._record(run_round, site, "failed", reason=message.error.reason)
+                self._record(server_round, site, "failed", reason=message.error.reason)
                 continue
             try:
                 site = str(message.content["site"]["name"])
@@ -146,7 +141,7 @@ class GuardedRounds:
                 update = from_wire(message.content[key].to_torch_state_dict(), self.transport, self.reference)
                 problem = update_problem(update, self.reference)
             except (KeyError, TypeError, ValueError) as err:
-                self._record(run_round, site, "rejected", reason=f"malformed reply ({type(err).__name__}: {err})")
+                self._record(server_round, site, "rejected", reason=f"malformed reply ({type(err).__name__}: {err})")
                 continue
             self.site_names[node] = site
             if self.private:
@@ -154,27 +149,27 @@ class GuardedRounds:
             if problem is None and not math.isfinite(float(metrics.get("num-examples", math.nan))):
                 problem = "num-examples is not a number"
             if problem is not None:
-                self._record(run_round, site, "rejected", reason=problem, **_numbers(metrics))
+                self._record(server_round, site, "rejected", reason=problem, **_numbers(metrics))
                 continue
             # fp32 for averaging, keys in the global model's order (Flower's DP clipping pairs
             # update and global arrays by position).
             update = {name: update[name] for name in self.reference}
             message.content[key] = ArrayRecord(update)
             usable.append(message)
-            self._record(run_round, site, "ok", update_norm=update_norm(update, self.reference), **_numbers(metrics))
+            self._record(server_round, site, "ok", update_norm=update_norm(update, self.reference), **_numbers(metrics))
         for node in self.sampled:
             if node not in answered:
-                self._record(run_round, self.site_names.get(node, f"node {node}"), "no reply",
+                self._record(server_round, self.site_names.get(node, f"node {node}"), "no reply",
                              reason="no answer within federated.round_timeout")
-        summary = {"phase": self.phase, "round": run_round, "sampled": len(self.sampled), "usable": len(usable),
+        summary = {"phase": self.phase, "round": server_round, "sampled": len(self.sampled), "usable": len(usable),
                    "seconds": round(time.monotonic() - self.round_started, 3)}
         needed = len(self.sampled) if self.private else self.min_usable
         if len(usable) < needed:
             why = ("differential privacy: the noise is calibrated for every sampled site" if self.private
                    else "fewer than federated.min_sites")
             log.warning("%s round %d: %d usable update(s) of %d (%s); keeping the previous global model",
-                        self.phase, run_round, len(usable), len(self.sampled), why)
-            self.kept_previous.append(run_round)
+                        self.phase, server_round, len(usable), len(self.sampled), why)
+            self.kept_previous.append(server_round)
             self.metrics_log.write({**summary, "kept_previous_model": True, "reason": why})
             return None, None
         # The average is summed in a fixed order (by site), not in the order replies arrived, so a
@@ -194,22 +189,21 @@ class GuardedRounds:
         site's metrics but only the sum of the weights: per-site lines, then the aggregate is used
         only if enough sites contributed and it is finite and of the right shape (one bad site
         cannot be singled out and left out: the sum is all there is)."""
-        run_round = server_round + self.round_offset
         for node, metrics in per_site.items():
             site = str(metrics.get("site", self.site_names.get(node, f"node {node}")))
-            self._record(run_round, site, "ok", **_numbers(metrics))
+            self._record(server_round, site, "ok", **_numbers(metrics))
         for node in self.sampled:
             if node not in per_site:
-                self._record(run_round, self.site_names.get(node, f"node {node}"), "failed",
+                self._record(server_round, self.site_names.get(node, f"node {node}"), "failed",
                              reason="; ".join(failures) or "no answer within federated.round_timeout")
         problem = None if aggregate is None else update_problem(aggregate, self.reference)
-        summary = {"phase": self.phase, "round": run_round, "sampled": len(self.sampled), "usable": len(per_site),
+        summary = {"phase": self.phase, "round": server_round, "sampled": len(self.sampled), "usable": len(per_site),
                    "seconds": round(time.monotonic() - self.round_started, 3), "secure_aggregation": True}
         if aggregate is None or problem is not None or len(per_site) < self.min_usable:
             why = ("SecAgg+ halted" if aggregate is None else f"the secure sum is unusable: {problem}" if problem
                    else "fewer than federated.min_sites")
-            log.warning("%s round %d: %s; keeping the previous global model", self.phase, run_round, why)
-            self.kept_previous.append(run_round)
+            log.warning("%s round %d: %s; keeping the previous global model", self.phase, server_round, why)
+            self.kept_previous.append(server_round)
             self.metrics_log.write({**summary, "kept_previous_model": True, "reason": why})
             return None
         means = weighted_mean(_numbers(m) for m in per_site.values())
@@ -219,10 +213,7 @@ class GuardedRounds:
     def start_secure_round(self, server_round: int, arrays: dict[str, torch.Tensor], nodes: list[int]) -> dict[str, Any]:
         """What configure_train does for a plain round, for a SecAgg+ round: the fit config."""
         self.reference, self.sampled, self.round_started = arrays, list(nodes), time.monotonic()
-        config: dict[str, Any] = {"round": server_round + self.round_offset, "phase": self.phase, "transport": "fp32"}
-        if isinstance(self.averaging, FedProx):
-            config["proximal-mu"] = self.averaging.proximal_mu
-        return config
+        return {"round": server_round, "phase": self.phase}
 
     def _node_of(self, reply: Message) -> int:
         """The site a reply is about: the node its request went to. (An error the SuperLink writes in
@@ -230,10 +221,10 @@ class GuardedRounds:
         sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self.requests}
         return sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
 
-    def _record(self, run_round: int, site: str, status: str, **fields: Any) -> None:
+    def _record(self, server_round: int, site: str, status: str, **fields: Any) -> None:
         if status != "ok":
-            log.warning("%s round %d: site %s %s: %s", self.phase, run_round, site, status, fields.get("reason", ""))
-        self.metrics_log.write({"phase": self.phase, "round": run_round, "site": site, "status": status, **fields})
+            log.warning("%s round %d: site %s %s: %s", self.phase, server_round, site, status, fields.get("reason", ""))
+        self.metrics_log.write({"phase": self.phase, "round": server_round, "site": site, "status": status, **fields})
 
 
 def build_strategy(cfg: ExperimentConfig, phase: str, num_sites: int, accountant: PrivacyAccountant | None = None,

@@ -17,21 +17,21 @@ from fedmae.checkpoint import load_checkpoint, remove_checkpoint, save_checkpoin
 from fedmae.config import ExperimentConfig
 from fedmae.engine.loop import seed_everything
 from fedmae.models.factory import build_finetune_model, build_mae
-from fedmae.models.state import ENCODER_PREFIX, encoder_state, load_encoder
+from fedmae.models.state import ENCODER_PREFIX, encoder_entries, load_encoder_entries
 
 
 def initial_encoder(cfg: ExperimentConfig) -> dict[str, torch.Tensor]:
     """The seeded MAE's encoder (``encoder.*`` keys): what centralised pre-training starts from."""
     seed_everything(cfg.seed)
     model = build_mae(cfg)
-    return {ENCODER_PREFIX + k: v for k, v in encoder_state(model.state_dict()).items()}
+    return encoder_entries(model.state_dict())
 
 
 def initial_finetune_model(cfg: ExperimentConfig, num_outputs: int, encoder: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The fine-tune model as a site would build it (same seed), with the global encoder loaded."""
     seed_everything(cfg.seed)
     model = build_finetune_model(cfg, num_outputs)
-    load_encoder(model, encoder_state(encoder))
+    load_encoder_entries(model, encoder)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 

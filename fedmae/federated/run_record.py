@@ -12,10 +12,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fedmae.checkpoint import atomic_write_text, load_checkpoint
+from fedmae.checkpoint import load_checkpoint
 from fedmae.config import ExperimentConfig
 from fedmae.engine.runs import check_output_dir, check_resume_config, claim_output_dir
-from fedmae.evaluation import finite_or_null
+from fedmae.files import atomic_write_json
+from fedmae.metrics import finite_or_null
 
 SUMMARY = "summary.json"
 # What a federated run writes into its folder (simulated sites keep their state in sites/);
@@ -44,7 +45,7 @@ def check_federated_run(out: Path, cfg: ExperimentConfig, *, resume: bool, force
 
 def write_summary(out: Path, summary: dict[str, Any], status: str, error: str | None = None) -> Path:
     record = {"status": status, **({"error": error} if error else {}), **summary}
-    return atomic_write_text(out / SUMMARY, json.dumps(finite_or_null(record), indent=2))
+    return atomic_write_json(out / SUMMARY, finite_or_null(record))
 
 
 def finished_summary(out: Path) -> dict[str, Any] | None:

@@ -4,7 +4,8 @@ site of the configured data, offline, leaving nothing running.
 It does what `flwr run .` does, with the parts a researcher should not have to manage: a private
 FLWR_HOME, a SuperLink in simulation mode on free local ports that this process starts and stops
 (its whole process tree, whatever happens), client resources sized for the machine, runtime dependency
-installation off, and the experiment and output folder passed as run settings.
+installation off, and the resolved experiment (the run's config.yaml) and output folder passed
+as run settings.
 """
 
 from __future__ import annotations
@@ -43,14 +44,17 @@ def client_resources(num_sites: int, cpus: int | None = None) -> dict[str, float
     return {"num-cpus": max(1, cpus // concurrent), "num-gpus": round(min(1.0, gpus / num_sites), 3) if gpus else 0.0}
 
 
-def simulate(config_path: Path, overrides: list[str], cfg: ExperimentConfig, num_sites: int, output_dir: Path,
-             resume: bool = False, stream=None, cpus: int | None = None) -> int:
-    """Run the app on ``num_sites`` virtual sites; returns the exit status of ``flwr run``.
+def simulate(cfg: ExperimentConfig, num_sites: int, output_dir: Path, resume: bool = False, stream=None,
+             cpus: int | None = None) -> int:
+    """Run ``cfg`` on ``num_sites`` virtual sites; returns the exit status of ``flwr run``.
     ``cpus``: the cores the simulation may use (default: all of the machine's)."""
     check_site_count(cfg, num_sites)  # before Flower starts, not as a traceback inside it
     if read_marker(output_dir) is None:  # claimed before the SuperLink's log goes in; the ServerApp checks the rest
         check_output_dir(output_dir, "federated", cfg, holds_run=False, resume=True, force=False)
-        claim_output_dir(output_dir, "federated", cfg)
+    # Claiming records the resolved experiment as config.yaml: the ServerApp runs that file, and
+    # sends it on to every site with its requests, so every process runs exactly ``cfg``.
+    claim_output_dir(output_dir, "federated", cfg)
+    experiment = output_dir.absolute() / "config.yaml"
     if not (APP_DIR / "pyproject.toml").is_file():
         raise FileNotFoundError(f"{APP_DIR}: the fedmae app (pyproject.toml) is not here; run from a source checkout")
     home = Path(tempfile.mkdtemp(prefix="fedmae-flwr-"))
@@ -89,8 +93,8 @@ def simulate(config_path: Path, overrides: list[str], cfg: ExperimentConfig, num
         )
         _wait_until_healthy(superlink, http_port, output_dir / "superlink.log")
         run_config = " ".join([
-            f"experiment={json.dumps(str(Path(config_path).absolute()))}",
-            f"overrides={json.dumps('; '.join(overrides))}",
+            f"experiment={json.dumps(str(experiment))}",
+            'overrides=""',
             f"output-dir={json.dumps(str(output_dir.absolute()))}",
             f"resume={'true' if resume else 'false'}",
         ])

@@ -24,18 +24,18 @@ import torch
 from fedmae.checkpoint import CheckpointError, load_checkpoint, remove_checkpoint, save_checkpoint
 from fedmae.config import ExperimentConfig
 from fedmae.data.badfiles import BAD_CASES, BadFiles
-from fedmae.data.cohort import SiteData
 from fedmae.data.datasets import finetuning_dataset, label_subset
 from fedmae.data.loader import EpochLoader
 from fedmae.data.preprocess import Preprocessing
+from fedmae.data.splits import SiteData
 from fedmae.data.tasks import TaskSpec
 from fedmae.engine.device import resolve_device
 from fedmae.engine.finetune import (
-    evaluate_loader,
     evaluation_loader,
     finetune_epoch,
     finetune_schedule,
     finetuning_loader,
+    loader_metrics,
     task_loss,
 )
 from fedmae.engine.loop import seed_everything
@@ -50,7 +50,7 @@ from fedmae.engine.pretrain import (
 )
 from fedmae.engine.runs import Stopwatch
 from fedmae.models.factory import build_finetune_model, build_mae
-from fedmae.models.state import ENCODER_PREFIX, encoder_state, load_encoder, load_model_state
+from fedmae.models.state import encoder_entries, load_encoder_entries, load_model_state
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ class SitePretraining(_SiteRounds):
         """Local epochs from the global encoder; returns the new encoder (``encoder.*`` keys) and metrics."""
         watch = Stopwatch()
         model, optimizer = self._start_round(server_round)
-        load_encoder(model, _strip(global_encoder))
+        load_encoder_entries(model, global_encoder)
         loss_fn = mae_loss if proximal_mu <= 0 else _proximal(mae_loss, model, proximal_mu)
         E = self.cfg.federated.local_epochs
         losses = []
@@ -195,14 +195,14 @@ class SitePretraining(_SiteRounds):
         metrics = {"train_loss": sum(losses) / len(losses), "num-examples": self.num_examples,
                    "seconds": watch.seconds, "lr": optimizer.param_groups[0]["lr"]}
         self._save(server_round, model, optimizer, metrics)
-        return _prefixed(encoder_state(model.state_dict())), metrics
+        return encoder_entries(model.state_dict()), metrics
 
     def evaluate(self, global_encoder: dict[str, torch.Tensor], server_round: int) -> dict[str, Any]:
         """Validation reconstruction loss of the global encoder with this site's decoder."""
         # The decoder after this round. Loading the global encoder into the live model changes
         # nothing the next round would not: it starts by loading the same global encoder.
         model, _ = self._start_round(server_round + 1)
-        load_encoder(model, _strip(global_encoder))
+        load_encoder_entries(model, global_encoder)
         cases = len(self.val_loader.dataset)
         loss = reconstruction_loss(model, self.val_loader, self.cfg, self.device) if cases else math.nan
         return {"val_loss": loss, "num-examples": cases}
@@ -248,8 +248,9 @@ class SiteFinetuning(_SiteRounds):
         self._save(server_round, model, optimizer, metrics)
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}, metrics
 
-    def evaluate(self, global_model: dict[str, torch.Tensor], split: str) -> dict[str, Any]:
-        """Task metrics of the global model on this site's ``split`` (scalars only)."""
+    def evaluate(self, global_model: dict[str, torch.Tensor], split: str) -> dict[str, float]:
+        """Task metrics of the global model on this site's ``split``, in the flat form that may
+        leave a site (:meth:`fedmae.metrics.Metrics.flat`)."""
         model = self.build_model()
         load_model_state(model, global_model, "global model")
         cases = self.site.split(split)
@@ -258,28 +259,9 @@ class SiteFinetuning(_SiteRounds):
         if split not in self._evaluation:
             dataset = finetuning_dataset(cases, self.task, self.cfg, self.prep, train=False)
             self._evaluation[split] = evaluation_loader(dataset, self.task, self.cfg, self.device, self.bad_files)
-        result = evaluate_loader(model, self._evaluation[split], self.task, self.cfg, self.device)
-        return {**scalar_metrics(result), "num-examples": len(cases)}
-
-
-def scalar_metrics(result: dict[str, Any]) -> dict[str, float]:
-    """The main metric and per-class scores as flat scalars (what may leave a site)."""
-    flat = {"main": math.nan}
-    main = result["main"]
-    flat[main] = math.nan if result[main] is None else float(result[main])
-    flat["main"] = flat[main]
-    for kind, scores in result.get("per_class", {}).items():
-        for name, value in scores.items():
-            flat[f"{kind}/{name}"] = math.nan if value is None else float(value)
-    return flat
-
-
-def _strip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k[len(ENCODER_PREFIX):] if k.startswith(ENCODER_PREFIX) else k: v for k, v in state.items()}
-
-
-def _prefixed(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {ENCODER_PREFIX + k: v.detach().cpu() for k, v in state.items()}
+        metrics = loader_metrics(model, self._evaluation[split], self.task, self.cfg, self.device)
+        # The site's weight is its number of cases of the split (a file left out as bad still counts).
+        return {**metrics.flat(), "num-examples": float(len(cases))}
 
 
 def _proximal(base_loss, model: torch.nn.Module, mu: float):

@@ -47,6 +47,20 @@ def from_wire(wire: Mapping[str, torch.Tensor], precision: str, reference: Mappi
     return state
 
 
+def received_model(wire: Mapping[str, torch.Tensor], precision: str) -> dict[str, torch.Tensor]:
+    """The server's weights as a site receives them, in fp32. A model that is not finite is
+    refused here (the reply becomes an error the server logs); one of the wrong architecture is
+    refused by the strict load."""
+    # Floating-point weights (and bf16 travelling as int16 bits) become fp32; others pass through.
+    reference = {k: torch.empty(0, dtype=torch.float32) if (v.is_floating_point() or v.dtype == torch.int16) else v
+                 for k, v in wire.items()}
+    state = from_wire(wire, precision, reference)
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise ValueError(f"refusing the server's model: non-finite values (NaN/Inf) in {bad}")
+    return state
+
+
 def update_problem(update: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]) -> str | None:
     """Why ``update`` must not be averaged into ``reference``'s model, or None when it may."""
     missing = sorted(set(reference) - set(update))

@@ -29,6 +29,12 @@ def encoder_state(model_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
     return {k[len(ENCODER_PREFIX) :]: v for k, v in model_state.items() if is_encoder_key(k)}
 
 
+def encoder_entries(model_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The encoder's entries of a full model state dict with their names (``encoder.*``), on the
+    CPU: the form in which federated pre-training sends an encoder and global checkpoints hold it."""
+    return {k: v.detach().cpu() for k, v in model_state.items() if is_encoder_key(k)}
+
+
 def site_local_state(model_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Entries that never leave a site in encoder-only federation (decoder, mask token, heads)."""
     return {k: v for k, v in model_state.items() if not is_encoder_key(k)}
@@ -63,6 +69,12 @@ def load_encoder(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     """
     check_state_fits(model.encoder, state, "encoder weights")
     model.encoder.load_state_dict(state, strict=True)
+
+
+def load_encoder_entries(model: nn.Module, entries: Mapping[str, torch.Tensor]) -> None:
+    """Load an encoder in :func:`encoder_entries` form into ``model.encoder``, strictly (an entry
+    without the ``encoder.`` prefix is refused as an unexpected key)."""
+    load_encoder(model, {k.removeprefix(ENCODER_PREFIX): v for k, v in entries.items()})
 
 
 def load_model_state(model: nn.Module, state: Mapping[str, torch.Tensor], what: str = "checkpoint") -> None:

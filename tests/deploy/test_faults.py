@@ -27,8 +27,9 @@ import sites.app as site_app
 from fedmae.checkpoint import load_checkpoint
 from fedmae.federated.global_model import GlobalCheckpoints
 from fedmae.federated.settings import APP_DIR, experiment_config
+from fedmae.federated.site_run import forget_site_runs
 from fedmae.federated.simulate import descendants, flower_tool
-from server.app import FederatedRun
+from server.app import federated_run
 from server.inprocess import InProcessGrid
 from tests.deploy.loopback import CONNECTION, Loopback, alive
 from tests.tiny import tiny_raw
@@ -60,7 +61,7 @@ def training(log: list[dict]) -> list[dict]:
 
 
 def site_state(state_dir: Path, cfg_name: str, out: Path, site: str, phase: str = "pretrain") -> Path:
-    """Where a deployed site keeps its state for the run in ``out`` (see sites/app.py)."""
+    """Where a deployed site keeps its state for the run in ``out`` (see fedmae/federated/site_run.py)."""
     return state_dir / f"{cfg_name}-{hashlib.sha256(str(out).encode()).hexdigest()[:10]}" / site / phase
 
 
@@ -103,14 +104,14 @@ def test_a_site_whose_state_file_is_corrupt_refuses_the_rounds_that_need_it(tmp_
         path = original(self, phase, server_round, *args, **kwargs)
         if server_round == 1:
             corrupt(victim)
-            site_app._RUNS.clear()  # as in a deployment, where every message gets a new ClientApp process
+            forget_site_runs()  # as in a deployment, where every message gets a new ClientApp process
         return path
 
     monkeypatch.setattr(GlobalCheckpoints, "save", corrupt_after_round_1)
     fedmae_log = logging.getLogger("fedmae")  # Flower's console handler only, once a ClientApp ran
     fedmae_log.addHandler(caplog.handler)
     try:
-        FederatedRun(grid, cfg, out, resume=False).run()
+        federated_run(grid, cfg, out, resume=False).run()
     finally:
         fedmae_log.removeHandler(caplog.handler)
     status = {(r["round"], r["site"]): (r["status"], r.get("reason", "")) for r in training(records(out))}
@@ -147,7 +148,7 @@ def test_a_site_flower_reports_unavailable_is_named_and_continues_from_its_saved
         config = message.content["config"]
         if config["phase"] == "pretrain" and int(config["round"]) == 2 and context.node_id == 101:
             return Message(message.content, reply_to=message)
-        site_app._RUNS.clear()  # every message gets a new ClientApp process in a deployment
+        forget_site_runs()  # every message gets a new ClientApp process in a deployment
         return original(message, context)
 
     grid.client_app = killed_in_round_2
@@ -155,7 +156,7 @@ def test_a_site_flower_reports_unavailable_is_named_and_continues_from_its_saved
     fedmae_log = logging.getLogger("fedmae")
     fedmae_log.addHandler(caplog.handler)
     try:
-        FederatedRun(grid, experiment_config(run_config), out, resume=False).run()
+        federated_run(grid, experiment_config(run_config), out, resume=False).run()
     finally:
         fedmae_log.removeHandler(caplog.handler)
     lines = sorted((r["round"], r["site"], r["status"]) for r in records(out) if "status" in r)
@@ -227,7 +228,7 @@ def reference_run(tmp_path: Path, experiment: Path, fails: dict[int, int]) -> di
         return crash
 
     grid.crashes = {100 + index: fails_train_round(server_round) for index, server_round in fails.items()}
-    FederatedRun(grid, experiment_config(run_config), out, resume=False).run()
+    federated_run(grid, experiment_config(run_config), out, resume=False).run()
     return load_checkpoint(out / "global/pretrain_last.pt")["model"]
 
 

@@ -13,8 +13,8 @@ import yaml
 
 from fedmae.deploy import pki
 from fedmae.federated.settings import APP_DIR
+from tests.command_line import flower_processes
 from tests.deploy.loopback import CONNECTION, Loopback
-from tests.federated.test_simulation import flower_processes
 from tests.tiny import tiny_raw
 
 

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedmae.deploy import pki
-from tests.test_cli import fedmae
+from tests.command_line import fedmae
 
 
 def mode(path: Path) -> int:

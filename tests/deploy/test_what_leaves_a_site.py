@@ -14,7 +14,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from fedmae.data.cohort import load_cohort
 from fedmae.federated.settings import experiment_config
 from fedmae.models.factory import build_finetune_model, build_mae
-from server.app import FederatedRun
+from server.app import federated_run
 from server.inprocess import InProcessGrid
 from sites.app import app as client_app
 from tests.data.builders import write_chestxray14
@@ -38,7 +38,7 @@ def run_and_watch(tmp_path: Path, num_sites: int, federated: dict) -> tuple[list
     for node in grid.get_node_ids():
         grid.faults[node] = lambda message, reply: replies.append(reply) or reply  # observe, change nothing
     cfg = experiment_config(run_config)
-    FederatedRun(grid, cfg, tmp_path / "out", resume=False).run()
+    federated_run(grid, cfg, tmp_path / "out", resume=False).run()
 
     cohort = load_cohort(cfg)
     secrets = {str(root), root.name, ".png"}

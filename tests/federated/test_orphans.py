@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from fedmae.federated.watchdog import alive, descendants
-from tests.test_cli import write_config
+from tests.command_line import write_config
 from tests.tiny import tiny_raw
 
 

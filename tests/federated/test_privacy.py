@@ -12,11 +12,12 @@ from flwr.app import Message
 from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
 
 from fedmae.checkpoint import load_checkpoint
-from fedmae.config import ConfigError, load_config
+from fedmae.config import load_config
 from fedmae.federated.global_model import initial_encoder
 from fedmae.federated.settings import experiment_config
+from fedmae.typed_yaml import ConfigError
 from server.privacy import new_accountant
-from tests.federated.test_rounds import global_encoder, rounds_log, run, run_until_stopped_after_round_2, setup_run
+from tests.federated.in_process import global_encoder, rounds_log, run, run_until_stopped_after_round_2, setup_run
 
 
 def dp(side: str, noise: float, clip: float, **more) -> dict:

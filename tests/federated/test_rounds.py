@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from flwr.app import ArrayRecord, Message
 
 from fedmae.checkpoint import load_checkpoint
@@ -15,41 +14,11 @@ from fedmae.data.cohort import load_cohort
 from fedmae.engine.finetune import finetune
 from fedmae.engine.pretrain import pretrain
 from fedmae.engine.runs import OutputError
-from fedmae.federated.global_model import GlobalCheckpoints
 from fedmae.federated.settings import experiment_config
 from fedmae.models.state import encoder_state
-from server.app import FederatedRun
 from sites.app import app as client_app
 from server.inprocess import InProcessGrid
-from tests.tiny import tiny_raw
-
-
-def setup_run(tmp_path: Path, num_sites: int = 2, **sections) -> tuple[InProcessGrid, dict]:
-    defaults = {"data": {"num_sites": num_sites, "cases_per_site": 8, "flip_prob": 0.5},
-                "pretrain": {"epochs": 2, "warmup_epochs": 1}, "finetune": {"epochs": 2, "warmup_epochs": 1},
-                "federated": {"min_sites": 1, "finetune": "none"}}
-    for name, values in sections.items():
-        defaults[name] = {**defaults.get(name, {}), **values}
-    raw = tiny_raw(2, **defaults)
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    experiment = tmp_path / "experiment.yaml"
-    experiment.write_text(yaml.safe_dump(raw))
-    run_config = {"experiment": str(experiment), "overrides": "", "output-dir": str(tmp_path / "out"), "resume": False}
-    nodes = [{"partition-id": i, "num-partitions": num_sites} for i in range(num_sites)]
-    return InProcessGrid(client_app, nodes, run_config), run_config
-
-
-def run(grid: InProcessGrid, run_config: dict, resume: bool = False) -> dict:
-    cfg = experiment_config(run_config)
-    return FederatedRun(grid, cfg, Path(run_config["output-dir"]), resume=resume).run()
-
-
-def rounds_log(run_config: dict) -> list[dict]:
-    return [json.loads(line) for line in (Path(run_config["output-dir"]) / "rounds.jsonl").read_text().splitlines()]
-
-
-def global_encoder(run_config: dict, name: str = "pretrain_last.pt") -> dict[str, torch.Tensor]:
-    return encoder_state(load_checkpoint(Path(run_config["output-dir"]) / "global" / name)["model"])
+from tests.federated.in_process import global_encoder, rounds_log, run, run_until_stopped_after_round_2, setup_run
 
 
 def test_one_site_federated_pretraining_equals_centralised(tmp_path):
@@ -200,26 +169,6 @@ def test_a_round_without_usable_updates_keeps_the_previous_model(tmp_path):
     assert [r["round"] for r in kept] == [2, 3]
 
 
-class Interrupted(Exception):
-    pass
-
-
-def run_until_stopped_after_round_2(grid: InProcessGrid, run_config: dict, monkeypatch) -> None:
-    """Run until the server has checkpointed round 2, then stop it as a crash would."""
-    original = GlobalCheckpoints.save
-
-    def save_then_stop(self, phase, server_round, *args, **kwargs):
-        path = original(self, phase, server_round, *args, **kwargs)
-        if server_round == 2:
-            raise Interrupted
-        return path
-
-    monkeypatch.setattr(GlobalCheckpoints, "save", save_then_stop)
-    with pytest.raises(Interrupted):
-        run(grid, run_config)
-    monkeypatch.setattr(GlobalCheckpoints, "save", original)
-
-
 def test_a_stopped_run_resumes_with_the_right_rounds_and_ends_as_an_uninterrupted_one(tmp_path, monkeypatch):
     sections = {"pretrain": {"epochs": 4, "warmup_epochs": 1}}
     grid, straight = setup_run(tmp_path / "straight", **sections)
@@ -305,9 +254,10 @@ def test_start_from_fine_tunes_a_given_encoder_without_pretraining_rounds(tmp_pa
 def test_a_site_refuses_a_global_model_that_is_not_finite_or_of_another_architecture(tmp_path):
     import dataclasses
 
-    from flwr.app import ConfigRecord, MessageType, RecordDict
+    from flwr.app import MessageType, RecordDict
 
     from fedmae.federated.global_model import initial_encoder
+    from server.grid_sites import GridSites
     from server.inprocess import serve_as_server
 
     grid, run_config = setup_run(tmp_path, num_sites=1)
@@ -320,7 +270,7 @@ def test_a_site_refuses_a_global_model_that_is_not_finite_or_of_another_architec
     serve_as_server(grid.run_id)
     (node,) = grid.get_node_ids()
     for state, reason in ((not_finite, f"non-finite values (NaN/Inf) in {key}"), (narrower, "shape")):
-        config = ConfigRecord({"phase": "pretrain", "round": 1, "transport": "fp32"})
+        config = GridSites(grid, cfg, Path(run_config["output-dir"])).request(phase="pretrain", round=1)
         message = Message(RecordDict({"arrays": ArrayRecord(state), "config": config}), message_type=MessageType.TRAIN,
                           dst_node_id=node)
         (reply,) = grid.send_and_receive([message])

@@ -8,7 +8,7 @@ import pytest
 import torch
 from flwr.app import Message
 
-from tests.federated.test_rounds import global_encoder, rounds_log, run, setup_run
+from tests.federated.in_process import global_encoder, rounds_log, run, setup_run
 
 SECURE = {"min_sites": 2, "privacy": {"secure_aggregation": True}}
 

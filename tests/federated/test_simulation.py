@@ -3,25 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from fedmae.checkpoint import load_checkpoint
-from tests.test_cli import fedmae, write_config
+from tests.command_line import fedmae, flower_processes, write_config
 from tests.tiny import tiny_raw
-
-FLOWER_PROCESSES = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr-simulation", "flwr-serverapp",
-                    "flwr-clientapp", "raylet", "gcs_server")
-
-
-def flower_processes() -> list[str]:
-    """Live Flower / Ray processes. Exited ones that the container's init has not reaped yet
-    ("<defunct>" zombies, reparented to PID 1) hold nothing and are not counted."""
-    lines = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout.splitlines()
-    return [line for line in lines if any(name in line for name in FLOWER_PROCESSES) and "<defunct>" not in line]
-
 
 @pytest.mark.slow
 def test_simulate_runs_sites_as_flower_clients_and_leaves_nothing_running(tmp_path):
