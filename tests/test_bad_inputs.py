@@ -1,4 +1,4 @@
-"""Bad inputs through ``fedmae.cli.main`` in-process: exit status 2 and one true line on stderr.
+"""Bad inputs through the ``fedmae`` command (in-process): exit status 2 and one true line on stderr.
 
 Each row is a mistake a user makes (an empty or doubled YAML, a mistyped ``--set``, a value that
 only fails through another, a file that is not what it was given as) and the words the single
@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from fedmae.cli import main
+from tests.command_line import fedmae
 from tests.tiny import tiny_raw
 
 UNSAFE_ADVICE = ("weights_only", "allow_pickle", "add_safe_globals", "trust")
@@ -116,15 +116,14 @@ CASES = [
 
 
 @pytest.mark.parametrize("make,argv,words,absent", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_input_is_one_true_line(tmp_path, monkeypatch, capsys, make, argv, words, absent):
-    monkeypatch.chdir(tmp_path)
+def test_bad_input_is_one_true_line(tmp_path, make, argv, words, absent):
     marker = Path("/tmp/fedmae-bad-inputs-pwned")
     marker.unlink(missing_ok=True)
     make(tmp_path)
     before = sorted(p.name for p in tmp_path.iterdir())
-    status = main(argv)
-    err = capsys.readouterr().err
-    assert status == 2, err
+    result = fedmae(*argv, cwd=tmp_path)
+    err = result.stderr
+    assert result.returncode == 2, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("fedmae: error: "), err
     for word in words:

@@ -1,31 +1,31 @@
-"""The ``fedmae`` command end to end: pretrain -> finetune -> evaluate in 2D and 3D, and its errors."""
+"""The ``fedmae`` command end to end: pretrain -> finetune -> evaluate in 2D and 3D, and its errors.
+The CLI runs in-process (tests/command_line.py) but for one test of the console script."""
 
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-import yaml
 
 from fedmae.checkpoint import load_checkpoint
 from fedmae.engine.loop import MetricsLog
+from tests.command_line import fedmae, fedmae_console_script, write_config
 from tests.tiny import tiny_raw
 
 
-def fedmae(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    exe = shutil.which("fedmae")
-    command = [exe] if exe else [sys.executable, "-m", "fedmae.cli"]
-    return subprocess.run([*command, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
-
-
-def write_config(tmp_path: Path, raw: dict) -> Path:
-    path = tmp_path / "experiment.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
+@pytest.mark.slow
+def test_the_console_script_trains_logs_to_stderr_and_exits_2_on_a_mistake(tmp_path):
+    # The one test of the installed script as its own process; the others call fedmae.cli.main.
+    config = write_config(tmp_path, tiny_raw(2, pretrain={"epochs": 1, "warmup_epochs": 0}))
+    pre = fedmae_console_script("pretrain", "--config", str(config), "--output", "pre", cwd=tmp_path)
+    assert pre.returncode == 0, pre.stderr
+    assert "encoder checkpoint: pre/checkpoint_last.pt" in pre.stdout
+    assert " INFO fedmae" in pre.stderr  # the CLI's log lines reach the console
+    assert load_checkpoint(tmp_path / "pre/checkpoint_last.pt", expect_kind="mae")["epoch"] == 1
+    wrong = fedmae_console_script("pretrain", "--config", str(config), "--set", "pretrain.epochz=3", cwd=tmp_path)
+    assert wrong.returncode == 2 and wrong.stderr.startswith("fedmae: error: ")
+    assert "--set pretrain.epochz=3: unknown key" in wrong.stderr
+    assert len(wrong.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.data.builders import plant_faults, write_chestxray14, write_decathlon
-from tests.test_cli import fedmae, write_config
+from tests.command_line import fedmae, write_config
 from tests.tiny import tiny_raw
 
 BUDGET = {"pretrain": {"epochs": 2, "warmup_epochs": 1, "batch_size": 4},

@@ -15,8 +15,7 @@ from PIL import Image
 from fedmae.checkpoint import load_checkpoint
 from fedmae.comparison.arms import ARM_TITLES
 from fedmae.comparison.report import PAIRS, cell
-from tests.federated.test_simulation import flower_processes
-from tests.test_cli import fedmae, write_config
+from tests.command_line import fedmae, flower_processes, write_config
 from tests.tiny import tiny_raw
 
 
@@ -109,7 +108,7 @@ def check_paired_differences(out: Path, results: dict, seeds: list[int]) -> None
 
 
 @pytest.mark.slow
-def test_compare_runs_every_arm_with_flower_and_writes_the_report(tmp_path):
+def test_compare_runs_every_arm_with_flower_and_writes_the_report(tmp_path, capfd):
     before = flower_processes()
     config = comparison_config(tmp_path)
     result = fedmae("compare", "--config", str(config), "--output", "cmp", cwd=tmp_path)
@@ -125,7 +124,8 @@ def test_compare_runs_every_arm_with_flower_and_writes_the_report(tmp_path):
     assert [p["epoch"] for p in federated["pretrain_curve"]] == [1, 2]
     assert "none" in [r["arm"] for r in results["runs"]] and next(
         r for r in results["runs"] if r["arm"] == "none")["pretrain_curve"] == []
-    assert re.search(r"seed 0 \| federated \(FedAvg\) \| pre-training round 2/2", result.stderr)  # the progress display
+    # The progress display; the comparison's worker processes print it on the process's stderr.
+    assert re.search(r"seed 0 \| federated \(FedAvg\) \| pre-training round 2/2", result.stderr + capfd.readouterr().err)
     assert "| centralised |" in result.stdout and "report:" in result.stdout
     assert flower_processes() == before, "a Flower or Ray process outlived the comparison"
 
@@ -164,7 +164,7 @@ def test_compare_config_mistakes_are_one_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_federated_fine_tuning_protocol_runs_every_arm_on_flower(tmp_path):
+def test_federated_fine_tuning_protocol_runs_every_arm_on_flower(tmp_path, capfd):
     config = comparison_config(tmp_path, arms=["federated", "none"], finetune="federated", reconstructions=0)
     result = fedmae("compare", "--config", str(config), "--output", "cmp", cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -177,7 +177,7 @@ def test_federated_fine_tuning_protocol_runs_every_arm_on_flower(tmp_path):
     assert none_run["pretrain"] == {"start_from": "random"} and not list((out / "seed-0/none/flower-finetune/global").glob("pretrain_*"))
     for r in results["runs"]:
         assert set(r["sites"]) == {"site-0", "site-1"}
-    assert "fine-tuning round 2/2" in result.stderr
+    assert "fine-tuning round 2/2" in result.stderr + capfd.readouterr().err  # from a worker process
     assert "MAE reconstructions" not in (out / "report.md").read_text()
 
 
@@ -195,11 +195,11 @@ def test_runs_in_worker_processes_give_the_sequential_results_to_the_bit(tmp_pat
     torch.set_num_threads(1)
     try:
         sequential = compare(dataclasses.replace(cfg, compare=dataclasses.replace(cfg.compare, parallel=1)),
-                             config, [], tmp_path / "sequential")
+                             tmp_path / "sequential")
     finally:
         torch.set_num_threads(threads)
     parallel = compare(dataclasses.replace(cfg, compare=dataclasses.replace(cfg.compare, parallel=2)),
-                       config, [], tmp_path / "parallel", threads=1)
+                       tmp_path / "parallel", threads=1)
     strip = [{k: v for k, v in r.items() if k != "seconds"} for r in sequential]
     assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in parallel]
     for checkpoint in (tmp_path / "sequential").rglob("checkpoint_*.pt"):
