@@ -130,6 +130,7 @@ def test_compare_runs_every_arm_with_flower_and_writes_the_report(tmp_path, capf
     assert flower_processes() == before, "a Flower or Ray process outlived the comparison"
 
 
+@pytest.mark.slow
 def test_several_seeds_give_mean_and_std_and_a_stopped_comparison_resumes(tmp_path):
     config = comparison_config(tmp_path, arms=["centralised", "local", "none"], seeds=[0, 1])
     first = fedmae("compare", "--config", str(config), "--output", "cmp", cwd=tmp_path)
@@ -181,6 +182,7 @@ def test_federated_fine_tuning_protocol_runs_every_arm_on_flower(tmp_path, capfd
     assert "MAE reconstructions" not in (out / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_runs_in_worker_processes_give_the_sequential_results_to_the_bit(tmp_path):
     # One thread per run both ways, so each run computes exactly the same; the local arm's sites and
     # every site's fine-tuning run at once in the parallel comparison.
@@ -222,6 +224,7 @@ def test_progress_clock_counts_whole_minutes_and_seconds(monkeypatch):
     assert stream.getvalue().splitlines() == ["[ 10:59] seed 0 | local only | x", "[ 11:00] seed 0 | local only | x"]
 
 
+@pytest.mark.slow
 def test_demo_runs_several_seeds_and_reports_paired_differences(tmp_path):
     # The demo's pipeline (`fedmae demo`) on a tiny config with two seeds: the printed tables are
     # results.json's, and the paired differences are computed from the per-seed results.
