@@ -162,9 +162,13 @@ class PrivacyConfig:
 
 @dataclass
 class FederatedConfig:
-    # Flower strategy that averages the encoder: fedavg, fedprox (proximal term at the sites),
-    # fedavgm (server momentum), fedadam (server-side Adam).
-    strategy: Literal["fedavg", "fedprox", "fedavgm", "fedadam"] = "fedavg"
+    # Flower strategy that combines the sites' encoders: fedavg, fedprox (proximal term at the
+    # sites), fedavgm (server momentum), fedadam / fedyogi / fedadagrad (server-side adaptive
+    # optimisers, learning rate server_lr); robust to a few bad or hostile sites: fedmedian
+    # (coordinate-wise median), fedtrimmedavg (mean without the trim_fraction largest and smallest
+    # values per coordinate), krum / multikrum (the update(s) closest to the others), bulyan.
+    strategy: Literal["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad",
+                      "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan"] = "fedavg"
     local_epochs: int = 1  # per round; rounds = pretrain.epochs / local_epochs, the centralised budget
     fraction_train: float = 1.0  # share of the sites asked to train each round
     min_sites: int = 1  # usable updates a round needs; fewer and the global model stays as it was
@@ -172,6 +176,11 @@ class FederatedConfig:
     proximal_mu: float = 0.01  # fedprox: weight of the proximal term mu/2 ||w - w_global||^2
     server_lr: float = 1.0  # fedavgm / fedadam: server learning rate (fedadam usually 0.01-0.1)
     server_momentum: float = 0.9  # fedavgm
+    trim_fraction: float = 0.2  # fedtrimmedavg: share cut off at each end, in [0, 0.5)
+    # krum / multikrum / bulyan: sites that may be byzantine. A round needs 2f+3 sampled sites
+    # (krum, multikrum) or 4f+3 (bulyan); fewer and the run is refused at the start.
+    byzantine_sites: int = 1
+    krum_select: int = 2  # multikrum: updates averaged (krum averages one)
     transport: Literal["fp32", "fp16", "bf16"] = "fp32"  # precision of the weights on the wire (averaged in fp32)
     finetune: Literal["federated", "local", "none"] = "federated"  # after pre-training: FedAvg of the whole model, each site alone, or stop
     finetune_local_epochs: int = 1  # federated fine-tuning: epochs per round; rounds = finetune.epochs / this
@@ -186,6 +195,13 @@ ARMS = ("centralised", "federated", "local", "none")
 # privacy's noise and accounting and secure aggregation's sum assume (FedProx only adds a
 # proximal term to the sites' training).
 AVERAGING_STRATEGIES = ("fedavg", "fedprox")
+
+
+def sites_needed(fed: FederatedConfig) -> int:
+    """Sampled sites a round of the strategy needs: Krum's choice means something only with
+    n >= 2f+3 (each update scored on its n-f-2 nearest), Bulyan's trimmed Krum with n >= 4f+3."""
+    f = fed.byzantine_sites
+    return {"krum": 2 * f + 3, "multikrum": max(2 * f + 3, fed.krum_select), "bulyan": 4 * f + 3}.get(fed.strategy, 1)
 
 
 @dataclass
@@ -545,6 +561,11 @@ def _check_federated(fed: FederatedConfig, src: Source) -> None:
     for key in ("round_timeout", "server_lr"):
         if getattr(fed, key) <= 0:
             fail(f"federated.{key}", f"must be positive, got {getattr(fed, key)}")
+    if not 0.0 <= fed.trim_fraction < 0.5:
+        fail("federated.trim_fraction", f"must be in [0, 0.5), got {fed.trim_fraction}")
+    if fed.byzantine_sites < 0 or fed.krum_select < 1:
+        fail("federated.byzantine_sites", f"byzantine_sites must be at least 0 and krum_select at least 1, got "
+             f"{fed.byzantine_sites} and {fed.krum_select}")
     if fed.proximal_mu < 0 or not 0.0 <= fed.server_momentum < 1.0:
         fail("federated.proximal_mu", "proximal_mu must be non-negative and server_momentum in [0, 1)")
     if fed.start_from not in (None, "random") and not Path(fed.start_from).expanduser().is_file():

@@ -1,4 +1,5 @@
-"""Flower strategies for fedmae: Flower's own FedAvg / FedProx / FedAvgM / FedAdam, extended
+"""Flower strategies for fedmae: Flower's own FedAvg / FedProx / FedAvgM / FedAdam / FedYogi /
+FedAdagrad and its robust FedMedian / FedTrimmedAvg / Krum / MultiKrum / Bulyan, extended
 through their hooks (``configure_train``, ``aggregate_train``), never by copying ``start``.
 
 What the hooks add:
@@ -32,24 +33,33 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
+    Bulyan,
     DifferentialPrivacyClientSideFixedClipping,
     DifferentialPrivacyServerSideFixedClipping,
+    FedAdagrad,
     FedAdam,
     FedAvg,
     FedAvgM,
+    FedMedian,
     FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+    MultiKrum,
 )
 from flwr.serverapp.strategy.dp_fixed_clipping import DifferentialPrivacyFixedClippingBase
 from flwr.supercore.privacy_accounting import PrivacyAccountant
 
-from fedmae.config import ExperimentConfig
+from fedmae.config import ExperimentConfig, sites_needed
 from fedmae.engine.loop import MetricsLog
 from fedmae.federated.updates import from_wire, to_wire, update_norm, update_problem
 from fedmae.metrics import weighted_mean
 
 log = logging.getLogger("fedmae.server")
 
-STRATEGIES = {"fedavg": FedAvg, "fedprox": FedProx, "fedavgm": FedAvgM, "fedadam": FedAdam}
+STRATEGIES = {"fedavg": FedAvg, "fedprox": FedProx, "fedavgm": FedAvgM, "fedadam": FedAdam, "fedyogi": FedYogi,
+              "fedadagrad": FedAdagrad, "fedmedian": FedMedian, "fedtrimmedavg": FedTrimmedAvg, "krum": Krum,
+              "multikrum": MultiKrum, "bulyan": Bulyan}
 DP_WRAPPERS = {"server": DifferentialPrivacyServerSideFixedClipping, "client": DifferentialPrivacyClientSideFixedClipping}
 # Under DP every site counts once: FedAvg weights by this key, which the server sets to 1.
 EQUAL_WEIGHT = "dp-equal-weight"
@@ -247,8 +257,14 @@ def build_strategy(cfg: ExperimentConfig, phase: str, num_sites: int, accountant
         kwargs["proximal_mu"] = fed.proximal_mu
     elif name == "fedavgm":
         kwargs.update(server_learning_rate=fed.server_lr, server_momentum=fed.server_momentum)
-    elif name == "fedadam":
+    elif name in ("fedadam", "fedyogi", "fedadagrad"):
         kwargs["eta"] = fed.server_lr
+    elif name == "fedtrimmedavg":
+        kwargs["beta"] = fed.trim_fraction
+    elif name in ("krum", "multikrum", "bulyan"):
+        kwargs["num_malicious_nodes"] = fed.byzantine_sites
+        if name == "multikrum":
+            kwargs["num_nodes_to_select"] = fed.krum_select
     privacy = fed.privacy
     if privacy.dp == "none":
         strategy = type(f"Guarded{base.__name__}", (GuardedRounds, base), {})(**kwargs)
@@ -258,7 +274,9 @@ def build_strategy(cfg: ExperimentConfig, phase: str, num_sites: int, accountant
         strategy = type(f"Guarded{wrapper.__name__}", (GuardedRounds, wrapper), {})(
             base(**kwargs, weighted_by_key=EQUAL_WEIGHT), privacy.noise_multiplier, privacy.clipping_norm, sampled,
             accountant=accountant)
-    strategy.setup_rounds(phase=phase, transport=fed.transport, min_usable=fed.min_sites, **setup)
+    # A robust strategy's round means something only with enough usable updates (sites_needed).
+    min_usable = max(fed.min_sites, sites_needed(fed)) if name == fed.strategy else fed.min_sites
+    strategy.setup_rounds(phase=phase, transport=fed.transport, min_usable=min_usable, **setup)
     return strategy
 
 

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fedmae.config import ExperimentConfig, load_config
+from fedmae.config import ExperimentConfig, load_config, sites_needed
 
 APP_DIR = Path(__file__).resolve().parents[2]
 
@@ -62,6 +62,12 @@ def check_site_count(cfg: ExperimentConfig, num_sites: int) -> None:
     if cfg.federated.min_sites > num_sites:
         raise ValueError(f"federated.min_sites: {cfg.federated.min_sites}, but the federation has {num_sites} site(s); "
                          "no round could ever be used: lower federated.min_sites or add sites")
+    fed = cfg.federated
+    sampled = max(int(num_sites * fed.fraction_train), min(fed.min_sites, num_sites))
+    if sampled < sites_needed(fed):
+        raise ValueError(f"federated.strategy: {fed.strategy} with byzantine_sites={fed.byzantine_sites} needs "
+                         f"{sites_needed(fed)} sites per round, but {sampled} of {num_sites} are sampled; add sites, "
+                         "raise fraction_train or lower byzantine_sites")
     shares = cfg.federated.privacy.secagg_shares
     if cfg.federated.privacy.secure_aggregation and num_sites < shares:
         raise ValueError(f"federated.privacy.secure_aggregation: {num_sites} site(s), fewer than "
