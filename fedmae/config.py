@@ -181,6 +181,12 @@ class FederatedConfig:
     # (krum, multikrum) or 4f+3 (bulyan); fewer and the run is refused at the start.
     byzantine_sites: int = 1
     krum_select: int = 2  # multikrum: updates averaged (krum averages one)
+    # Simulation: Flower's client resources per virtual site. cpus_per_site (default: the cores
+    # shared so that every site can run at once) and sites_per_gpu (default: the sites spread
+    # evenly over the GPUs; 4 lets four virtual sites share each GPU, Ray running as many
+    # at once as the GPUs hold). Deployments ignore both: each site has its own machine.
+    cpus_per_site: int | None = None
+    sites_per_gpu: int | None = None
     transport: Literal["fp32", "fp16", "bf16"] = "fp32"  # precision of the weights on the wire (averaged in fp32)
     finetune: Literal["federated", "local", "none"] = "federated"  # after pre-training: FedAvg of the whole model, each site alone, or stop
     finetune_local_epochs: int = 1  # federated fine-tuning: epochs per round; rounds = finetune.epochs / this
@@ -561,6 +567,9 @@ def _check_federated(fed: FederatedConfig, src: Source) -> None:
     for key in ("round_timeout", "server_lr"):
         if getattr(fed, key) <= 0:
             fail(f"federated.{key}", f"must be positive, got {getattr(fed, key)}")
+    for key in ("cpus_per_site", "sites_per_gpu"):
+        if getattr(fed, key) is not None and getattr(fed, key) < 1:
+            fail(f"federated.{key}", f"must be at least 1 (or unset), got {getattr(fed, key)}")
     if not 0.0 <= fed.trim_fraction < 0.5:
         fail("federated.trim_fraction", f"must be in [0, 0.5), got {fed.trim_fraction}")
     if fed.byzantine_sites < 0 or fed.krum_select < 1:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from fedmae.config import ExperimentConfig
+from fedmae.config import ExperimentConfig, FederatedConfig
 from fedmae.engine.runs import check_output_dir, claim_output_dir, read_marker
 from fedmae.federated.settings import APP_DIR, check_site_count
 from fedmae.federated.watchdog import descendants, parent_death_signal, stop_pids
@@ -35,13 +35,27 @@ log = logging.getLogger(__name__)
 STARTUP_TIMEOUT = 60.0
 
 
-def client_resources(num_sites: int, cpus: int | None = None) -> dict[str, float]:
-    """CPUs and GPU share per virtual site: all sites at once if the ``cpus`` (default: the
-    machine's) allow, else as many as fit; GPUs are shared evenly (a site's share is at most one GPU)."""
+def client_resources(num_sites: int, cpus: int | None = None, fed: FederatedConfig | None = None,
+                     gpus: int | None = None) -> dict[str, float]:
+    """Flower's client resources per virtual site. CPUs: ``federated.cpus_per_site``, else an
+    equal share of ``cpus`` (default: the machine's) so that all sites run at once if they fit.
+    GPU share: 1 / ``federated.sites_per_gpu``, else the ``gpus`` (default: those torch sees)
+    shared evenly, at most one per site; none without a GPU. Ray runs as many sites at once as
+    these shares fit in the machine."""
+    fed = fed or FederatedConfig()
     cpus = cpus or os.cpu_count() or 1
-    concurrent = max(1, min(num_sites, cpus))
-    gpus = torch.cuda.device_count()
-    return {"num-cpus": max(1, cpus // concurrent), "num-gpus": round(min(1.0, gpus / num_sites), 3) if gpus else 0.0}
+    gpus = torch.cuda.device_count() if gpus is None else gpus
+    if fed.cpus_per_site and fed.cpus_per_site > cpus:  # Ray would never find room for one site: a hang
+        raise ValueError(f"federated.cpus_per_site: {fed.cpus_per_site}, but the simulation has {cpus} core(s); "
+                         f"lower it to at most {cpus}")
+    num_cpus = fed.cpus_per_site or max(1, cpus // max(1, min(num_sites, cpus)))
+    if not gpus:
+        num_gpus = 0.0
+    elif fed.sites_per_gpu:
+        num_gpus = 1.0 / fed.sites_per_gpu
+    else:
+        num_gpus = min(1.0, gpus / num_sites)
+    return {"num-cpus": num_cpus, "num-gpus": round(num_gpus, 4)}
 
 
 def simulate(cfg: ExperimentConfig, num_sites: int, output_dir: Path, resume: bool = False, stream=None,
@@ -59,7 +73,7 @@ def simulate(cfg: ExperimentConfig, num_sites: int, output_dir: Path, resume: bo
         raise FileNotFoundError(f"{APP_DIR}: the fedmae app (pyproject.toml) is not here; run from a source checkout")
     home = Path(tempfile.mkdtemp(prefix="fedmae-flwr-"))
     http_port, control_port = free_port(), free_port()
-    resources = client_resources(num_sites, cpus)
+    resources = client_resources(num_sites, cpus, cfg.federated)
     (home / "config.toml").write_text(
         '[superlink]\ndefault = "fedmae-simulation"\n\n[superlink.fedmae-simulation]\n'
         f'address = "127.0.0.1:{http_port}"\ninsecure = true\n'

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 
 from fedmae.checkpoint import load_checkpoint
+from fedmae.config import FederatedConfig
+from fedmae.federated.simulate import client_resources
 from tests.command_line import fedmae, flower_processes, write_config
 from tests.tiny import tiny_raw
 
@@ -15,10 +18,12 @@ from tests.tiny import tiny_raw
 def test_simulate_runs_sites_as_flower_clients_and_leaves_nothing_running(tmp_path):
     before = flower_processes()
     raw = tiny_raw(2, data={"num_sites": 2, "cases_per_site": 8}, pretrain={"epochs": 2, "warmup_epochs": 1},
-                   finetune={"epochs": 2, "warmup_epochs": 1}, federated={"min_sites": 2, "round_timeout": 300})
+                   finetune={"epochs": 2, "warmup_epochs": 1},
+                   federated={"min_sites": 2, "round_timeout": 300, "cpus_per_site": 1, "sites_per_gpu": 2})
     config = write_config(tmp_path, raw)
     result = fedmae("simulate", "--config", str(config), "--output", "fed", cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "simulating 2 sites (1 CPU, 0.0 GPU each) with Flower" in result.stderr  # no GPU here: none asked for
     out = tmp_path / "fed"
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["sites"]) == {"site-0", "site-1"}
@@ -74,3 +79,24 @@ def test_simulate_with_secure_aggregation(tmp_path):
         (1, 3, True, False), (2, 3, True, False)]
     assert load_checkpoint(tmp_path / "fed" / "global" / "pretrain_last.pt", expect_kind="global")["extra"]["round"] == 2
     assert flower_processes() == before, "a Flower or Ray process outlived the run"
+
+
+def test_client_resources_follow_the_sites_share_settings():
+    fed = FederatedConfig()
+    # Defaults: the cores shared so that every site runs at once, the GPUs spread evenly, at most one each.
+    assert client_resources(4, cpus=16, fed=fed, gpus=0) == {"num-cpus": 4, "num-gpus": 0.0}
+    assert client_resources(8, cpus=16, fed=fed, gpus=2) == {"num-cpus": 2, "num-gpus": 0.25}
+    assert client_resources(2, cpus=16, fed=fed, gpus=4) == {"num-cpus": 8, "num-gpus": 1.0}
+    # sites_per_gpu=4: four virtual sites share each GPU (Ray runs 4 per GPU at once), whatever the site count.
+    shared = dataclasses.replace(fed, sites_per_gpu=4, cpus_per_site=2)
+    assert client_resources(71, cpus=16, fed=shared, gpus=2) == {"num-cpus": 2, "num-gpus": 0.25}
+    assert client_resources(71, cpus=16, fed=shared, gpus=0) == {"num-cpus": 2, "num-gpus": 0.0}  # CPU machine: no GPU asked
+    with pytest.raises(ValueError, match=r"^federated.cpus_per_site: 32, but the simulation has 16 core\(s\)"):
+        client_resources(4, cpus=16, fed=dataclasses.replace(fed, cpus_per_site=32), gpus=0)
+
+
+def test_the_sites_share_settings_are_checked(tmp_path):
+    for key in ("cpus_per_site", "sites_per_gpu"):
+        raw = tiny_raw(2, federated={key: 0})
+        result = fedmae("simulate", "--config", str(write_config(tmp_path, raw)), cwd=tmp_path)
+        assert result.returncode == 2 and f"federated.{key}: must be at least 1 (or unset), got 0" in result.stderr
