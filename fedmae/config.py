@@ -187,6 +187,10 @@ class FederatedConfig:
     # at once as the GPUs hold). Deployments ignore both: each site has its own machine.
     cpus_per_site: int | None = None
     sites_per_gpu: int | None = None
+    # Sites a process keeps live (model, optimiser, loaders) between rounds; the others are
+    # rebuilt from their state on disk when asked again, with the same result. Bounds a
+    # simulation's memory however many sites it has.
+    live_sites: int = 8
     transport: Literal["fp32", "fp16", "bf16"] = "fp32"  # precision of the weights on the wire (averaged in fp32)
     finetune: Literal["federated", "local", "none"] = "federated"  # after pre-training: FedAvg of the whole model, each site alone, or stop
     finetune_local_epochs: int = 1  # federated fine-tuning: epochs per round; rounds = finetune.epochs / this
@@ -567,6 +571,8 @@ def _check_federated(fed: FederatedConfig, src: Source) -> None:
     for key in ("round_timeout", "server_lr"):
         if getattr(fed, key) <= 0:
             fail(f"federated.{key}", f"must be positive, got {getattr(fed, key)}")
+    if fed.live_sites < 1:
+        fail("federated.live_sites", f"must be at least 1, got {fed.live_sites}")
     for key in ("cpus_per_site", "sites_per_gpu"):
         if getattr(fed, key) is not None and getattr(fed, key) < 1:
             fail(f"federated.{key}", f"must be at least 1 (or unset), got {getattr(fed, key)}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -108,7 +109,11 @@ class SiteRun:
         return {**Metrics.from_json(result.metrics["pooled"]).flat(), "num-examples": float(len(self.site.test))}
 
 
-_RUNS: dict[tuple, SiteRun] = {}
+# The sites this process keeps live (model, optimiser, loaders), least recently used first. A
+# simulation process serves many virtual sites; past federated.live_sites the oldest is dropped,
+# which costs only a rebuild: its state after every round is on disk, and a rebuilt site restores
+# it exactly, so memory stays bounded however many sites there are.
+_RUNS: OrderedDict[tuple, SiteRun] = OrderedDict()
 _COHORTS: dict[tuple, Cohort] = {}
 
 
@@ -120,9 +125,13 @@ def site_run(run_id: int, request: Mapping[str, Any], node_config: Mapping[str, 
     node = dict(node_config)
     key = (run_id, str(request["experiment"]), str(request.get("output-dir", "")),
            tuple(sorted((k, str(v)) for k, v in node.items())))
-    if key not in _RUNS:
-        cfg = config_from_dict(json.loads(str(request["experiment"])), source="the server's experiment")
-        _RUNS[key] = _new_site_run(run_id, site_config(cfg, node), Path(str(request["output-dir"])), node)
+    if key in _RUNS:
+        _RUNS.move_to_end(key)
+        return _RUNS[key]
+    cfg = config_from_dict(json.loads(str(request["experiment"])), source="the server's experiment")
+    _RUNS[key] = _new_site_run(run_id, site_config(cfg, node), Path(str(request["output-dir"])), node)
+    while len(_RUNS) > cfg.federated.live_sites:
+        _RUNS.popitem(last=False)
     return _RUNS[key]
 
 

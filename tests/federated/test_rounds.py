@@ -14,6 +14,7 @@ from fedmae.data.cohort import load_cohort
 from fedmae.engine.finetune import finetune
 from fedmae.engine.pretrain import pretrain
 from fedmae.engine.runs import OutputError
+from fedmae.federated import site_run
 from fedmae.federated.settings import experiment_config
 from fedmae.models.state import encoder_state
 from sites.app import app as client_app
@@ -292,3 +293,29 @@ def test_a_deployed_sites_state_folder_keeps_each_runs_state_apart(tmp_path):
         steps.append(load_checkpoint(newest)["step"])
     assert steps[0] == steps[1] > 0
     assert len(list(state.rglob("site-0/pretrain/round_00003.pt"))) == 2
+
+
+def test_a_process_keeps_at_most_live_sites_and_the_rest_rebuild_to_the_same_result(tmp_path, monkeypatch):
+    """Three sites in one process with one kept live: every request of another site rebuilds it
+    from its state on disk, and the federation ends with the same weights to the bit."""
+    sections = {"pretrain": {"epochs": 3, "warmup_epochs": 1}, "federated": {"min_sites": 1, "finetune": "federated"}}
+    grid, kept = setup_run(tmp_path / "all-live", num_sites=3, **sections)
+    run(grid, kept)
+    built, largest = [], [0]
+    original = site_run._new_site_run
+
+    def counted(*args, **kwargs):
+        built.append(args[-1])
+        largest[0] = max(largest[0], len(site_run._RUNS) + 1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(site_run, "_new_site_run", counted)
+    site_run.forget_site_runs()  # the first run's sites
+    grid, bounded = setup_run(tmp_path / "one-live", num_sites=3,
+                              **{**sections, "federated": {**sections["federated"], "live_sites": 1}})
+    run(grid, bounded)
+    assert len(site_run._RUNS) == 1 and largest[0] <= 2  # the new one, briefly beside the one it replaces
+    assert len(built) > 3 * 3  # rebuilt for (nearly) every request: three sites, several requests a round
+    for name in ("pretrain_last.pt", "finetune_best.pt"):
+        a, b = global_encoder(kept, name), global_encoder(bounded, name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name

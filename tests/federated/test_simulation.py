@@ -100,3 +100,19 @@ def test_the_sites_share_settings_are_checked(tmp_path):
         raw = tiny_raw(2, federated={key: 0})
         result = fedmae("simulate", "--config", str(write_config(tmp_path, raw)), cwd=tmp_path)
         assert result.returncode == 2 and f"federated.{key}: must be at least 1 (or unset), got 0" in result.stderr
+
+
+@pytest.mark.slow
+def test_twelve_sites_with_two_kept_live_per_process_complete_every_round(tmp_path):
+    """Many sites in bounded memory on the real engine: each Ray actor keeps two sites live and
+    rebuilds the others from their state on disk, and every site trains every round."""
+    before = flower_processes()
+    raw = tiny_raw(2, data={"num_sites": 12, "cases_per_site": 4}, pretrain={"epochs": 3, "warmup_epochs": 1},
+                   federated={"min_sites": 12, "round_timeout": 300, "finetune": "none", "live_sites": 2})
+    result = fedmae("simulate", "--config", str(write_config(tmp_path, raw)), "--output", "fed", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "fed" / "rounds.jsonl").read_text().splitlines()]
+    trained = {(r["round"], r["site"]) for r in records if r.get("status") == "ok"}
+    assert trained == {(n, f"site-{i}") for n in (1, 2, 3) for i in range(12)}
+    assert all(not r["kept_previous_model"] for r in records if "usable" in r)
+    assert flower_processes() == before, "a Flower or Ray process outlived the run"
