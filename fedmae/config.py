@@ -172,6 +172,7 @@ class FederatedConfig:
     local_epochs: int = 1  # per round; rounds = pretrain.epochs / local_epochs, the centralised budget
     fraction_train: float = 1.0  # share of the sites asked to train each round
     min_sites: int = 1  # usable updates a round needs; fewer and the global model stays as it was
+    eval_every: int = 1  # validate the global model at the sites every this many rounds (and after the last)
     round_timeout: float = 3600.0  # seconds a round waits for sites; later replies are dropped
     proximal_mu: float = 0.01  # fedprox: weight of the proximal term mu/2 ||w - w_global||^2
     server_lr: float = 1.0  # fedavgm / fedadam: server learning rate (fedadam usually 0.01-0.1)
@@ -571,6 +572,8 @@ def _check_federated(fed: FederatedConfig, src: Source) -> None:
     for key in ("round_timeout", "server_lr"):
         if getattr(fed, key) <= 0:
             fail(f"federated.{key}", f"must be positive, got {getattr(fed, key)}")
+    if fed.eval_every < 1:
+        fail("federated.eval_every", f"must be at least 1, got {fed.eval_every}")
     if fed.live_sites < 1:
         fail("federated.live_sites", f"must be at least 1, got {fed.live_sites}")
     for key in ("cpus_per_site", "sites_per_gpu"):

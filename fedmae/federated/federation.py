@@ -247,7 +247,10 @@ class FederatedRun:
             for run_round in range(done + 1, total + 1):
                 aggregate = rounds.train(run_round, state)
                 state = aggregate if aggregate is not None else state
-                evaluation = rounds.evaluate(run_round, state)
+                # Validation at every site costs a pass over its data: every eval_every-th round
+                # and the last (only validated rounds can be selected, as in fedmae.engine).
+                validated = run_round % self.cfg.federated.eval_every == 0 or run_round == total
+                evaluation = rounds.evaluate(run_round, state) if validated else {}
                 self._checkpoint(phase, run_round, total, state, evaluation, selection)
         except BudgetExhausted as err:
             # The last released model stands; no further round of any phase may be trained.
@@ -268,7 +271,8 @@ class FederatedRun:
             self.log.write({"phase": phase, "round": run_round, "epsilon": used["epsilon"], "delta": used["delta"]})
             log.info("%s round %d: privacy spent epsilon=%.3f at delta=%g", phase, run_round, used["epsilon"], used["delta"])
         self.checkpoints.save(phase, run_round, state, metrics, best=better)
-        log.info("%s round %d/%d: validation %s", phase, run_round, total, evaluation)
+        log.info("%s round %d/%d: validation %s", phase, run_round, total,
+                 evaluation or "not this round (federated.eval_every)")
 
     def _mark_resume(self, phase: str, done: int) -> None:
         """On resume, one line in rounds.jsonl: ``phase``'s records of rounds after ``done`` written
@@ -306,7 +310,7 @@ class _Selection:
 
     def consider(self, evaluation: dict[str, float]) -> bool:
         """Whether this round's model is the best so far (and updates the best score)."""
-        if self.phase != "finetune":
+        if self.phase != "finetune" or not evaluation:  # a round not validated is never selected
             return False
         score = evaluation.get("main", float("nan"))
         better = score >= self.best_score or not self.best_exists()

@@ -319,3 +319,15 @@ def test_a_process_keeps_at_most_live_sites_and_the_rest_rebuild_to_the_same_res
     for name in ("pretrain_last.pt", "finetune_best.pt"):
         a, b = global_encoder(kept, name), global_encoder(bounded, name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_eval_every_validates_every_few_rounds_and_the_last_and_selects_among_them(tmp_path):
+    grid, run_config = setup_run(tmp_path, pretrain={"epochs": 3, "warmup_epochs": 1},
+                                 finetune={"epochs": 3, "warmup_epochs": 1},
+                                 federated={"min_sites": 1, "finetune": "federated", "eval_every": 2})
+    summary = run(grid, run_config)
+    validated = {(r["phase"], r["round"]) for r in rounds_log(run_config) if "evaluation" in r}
+    assert validated == {("pretrain", 2), ("pretrain", 3), ("finetune", 2), ("finetune", 3)}
+    trained = {(r["phase"], r["round"]) for r in rounds_log(run_config) if "usable" in r}
+    assert trained == {(phase, n) for phase in ("pretrain", "finetune") for n in (1, 2, 3)}
+    assert summary["finetune"]["selected_round"] in (2, 3)
