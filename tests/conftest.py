@@ -15,12 +15,17 @@ def _fast_torch():
     yield
 
 
+# fedmae's logger as Python made it, taken once before any test or fixture ran.
+_FEDMAE_LOGGER = logging.getLogger("fedmae")
+_PRISTINE = (list(_FEDMAE_LOGGER.handlers), _FEDMAE_LOGGER.propagate, _FEDMAE_LOGGER.level)
+
+
 @pytest.fixture(autouse=True)
 def _fedmae_logs_reach_caplog():
     # An in-process Flower run (server/app.py, sites/app.py) routes fedmae's logger to Flower's
     # console handler and stops propagation, as it must inside Flower's processes; a later
-    # test's caplog would then see nothing. Each test starts with the logger as Python made it.
-    logger = logging.getLogger("fedmae")
-    state = (list(logger.handlers), logger.propagate, logger.level)
+    # test's caplog would then see nothing. Each test starts and ends with the logger as Python
+    # made it: taken at import, since a module-scoped fixture may run Flower before this one.
+    _FEDMAE_LOGGER.handlers[:], _FEDMAE_LOGGER.propagate, _FEDMAE_LOGGER.level = list(_PRISTINE[0]), *_PRISTINE[1:]
     yield
-    logger.handlers[:], logger.propagate, logger.level = state[0], state[1], state[2]
+    _FEDMAE_LOGGER.handlers[:], _FEDMAE_LOGGER.propagate, _FEDMAE_LOGGER.level = list(_PRISTINE[0]), *_PRISTINE[1:]
