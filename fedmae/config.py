@@ -581,9 +581,10 @@ def _check_federated(fed: FederatedConfig, src: Source) -> None:
             fail(f"federated.{key}", f"must be at least 1 (or unset), got {getattr(fed, key)}")
     if not 0.0 <= fed.trim_fraction < 0.5:
         fail("federated.trim_fraction", f"must be in [0, 0.5), got {fed.trim_fraction}")
-    if fed.byzantine_sites < 0 or fed.krum_select < 1:
-        fail("federated.byzantine_sites", f"byzantine_sites must be at least 0 and krum_select at least 1, got "
-             f"{fed.byzantine_sites} and {fed.krum_select}")
+    if fed.byzantine_sites < 0:
+        fail("federated.byzantine_sites", f"must be at least 0, got {fed.byzantine_sites}")
+    if fed.krum_select < 1:
+        fail("federated.krum_select", f"must be at least 1, got {fed.krum_select}")
     if fed.proximal_mu < 0 or not 0.0 <= fed.server_momentum < 1.0:
         fail("federated.proximal_mu", "proximal_mu must be non-negative and server_momentum in [0, 1)")
     if fed.start_from not in (None, "random") and not Path(fed.start_from).expanduser().is_file():
