@@ -149,6 +149,15 @@ class PrivacyConfig:
     dp: Literal["none", "server", "client"] = "none"
     noise_multiplier: float = 1.0
     clipping_norm: float = 1.0  # L2 bound on one site's update per round (rounds.jsonl logs update_norm)
+    # "adaptive": the bound starts at clipping_norm and follows the target_clipped_quantile of the
+    # sites' update norms (Andrew et al. 2021; Flower's adaptive-clipping wrappers): each round it
+    # is multiplied by exp(clip_norm_lr * (noisy clipped fraction - target)). The count of
+    # clipped sites gets Gaussian noise of std clipped_count_stddev (default: sites / 20), paid
+    # for out of the same noise_multiplier, which must stay below 2 * clipped_count_stddev.
+    clipping: Literal["fixed", "adaptive"] = "fixed"
+    target_clipped_quantile: float = 0.5
+    clip_norm_lr: float = 0.2
+    clipped_count_stddev: float | None = None
     delta: float = 1e-5  # reported epsilon is at this delta
     max_epsilon: float | None = None  # stop training rounds before the next one would spend more
     # Secure aggregation with Flower's SecAgg+: the server only learns the sum of the sites'
@@ -192,7 +201,9 @@ class FederatedConfig:
     # rebuilt from their state on disk when asked again, with the same result. Bounds a
     # simulation's memory however many sites it has.
     live_sites: int = 8
-    transport: Literal["fp32", "fp16", "bf16"] = "fp32"  # precision of the weights on the wire (averaged in fp32)
+    # Precision of the weights on the wire; averaging is always in fp32. int8: blockwise 8-bit
+    # codes, the sites sending their updates with error feedback (fedmae/federated/updates.py).
+    transport: Literal["fp32", "fp16", "bf16", "int8"] = "fp32"
     finetune: Literal["federated", "local", "none"] = "federated"  # after pre-training: FedAvg of the whole model, each site alone, or stop
     finetune_local_epochs: int = 1  # federated fine-tuning: epochs per round; rounds = finetune.epochs / this
     # Skip federated pre-training and fine-tune from this pre-training checkpoint's encoder
@@ -605,12 +616,21 @@ def _check_privacy(fed: FederatedConfig, src: Source) -> None:
             fail("federated.privacy.delta", f"must be strictly between 0 and 1, got {p.delta}")
         if p.max_epsilon is not None and p.max_epsilon <= 0:
             fail("federated.privacy.max_epsilon", f"must be positive, got {p.max_epsilon}")
+        if not 0.0 <= p.target_clipped_quantile <= 1.0:
+            fail("federated.privacy.target_clipped_quantile", f"must be in [0, 1], got {p.target_clipped_quantile}")
+        if p.clip_norm_lr <= 0:
+            fail("federated.privacy.clip_norm_lr", f"must be positive, got {p.clip_norm_lr}")
+        if p.clipped_count_stddev is not None and p.clipped_count_stddev <= 0:
+            fail("federated.privacy.clipped_count_stddev", f"must be positive (or unset), got {p.clipped_count_stddev}")
         if fed.fraction_train != 1.0:
             fail("federated.fraction_train", "must be 1 with differential privacy (the accounting assumes every site "
                  "takes part in every round)")
         if fed.strategy not in AVERAGING_STRATEGIES:
             fail("federated.strategy", f"differential privacy needs fedavg or fedprox (its noise and accounting assume a plain "
                  f"average), got {fed.strategy}")
+        if p.dp == "client" and fed.transport == "int8":
+            fail("federated.transport", "int8 carries what quantisation drops of a site's update into its next round, "
+                 "outside the clipping client-side DP accounts for; use fp32, fp16 or bf16 (or dp: server)")
     if p.secure_aggregation:
         if p.dp != "none":
             fail("federated.privacy.dp", "differential privacy together with secure aggregation is not supported; "

@@ -71,7 +71,7 @@ class GridRounds:
         self.sites, self.phase, self.site_names, self.site_images = sites, phase, site_names, site_images
         cfg = sites.cfg
         fixed = frozen_keys(cfg, phase) if privacy is not None else []
-        self.strategy = build_strategy(cfg, phase, len(site_names), accountant=getattr(privacy, "accountant", None),
+        self.strategy = build_strategy(cfg, phase, len(site_names), privacy_ledger=privacy,
                                        metrics_log=metrics_log, site_names=site_names,
                                        evaluate_extra={"split": "val"} if phase == "finetune" else {}, fixed_keys=fixed)
         self.timeout = cfg.federated.round_timeout

@@ -29,21 +29,35 @@ def new_accountant(privacy: PrivacyConfig, num_sites: int, ledger: str | None = 
     accountant = RdpAccountant(FlowerPrivacyConfig(
         target_delta=privacy.delta, population_size=num_sites, neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
         sampling_method=SamplingMethod.NO_AMPLIFICATION, max_epsilon=privacy.max_epsilon))
-    if ledger:
-        accountant.load_state_dict(json.loads(ledger))
+    state, _ = read_ledger(ledger)
+    if state is not None:
+        accountant.load_state_dict(state)
     return accountant
 
 
-def ledger(accountant: RdpAccountant) -> str:
-    return json.dumps(accountant.state_dict())
+def ledger(accountant: RdpAccountant, clipping_norms: dict[str, float] | None = None) -> str:
+    if not clipping_norms:
+        return json.dumps(accountant.state_dict())
+    return json.dumps({"rdp": accountant.state_dict(), "clipping_norms": clipping_norms})
+
+
+def read_ledger(saved: str | None) -> tuple[dict[str, Any] | None, dict[str, float]]:
+    """The accountant's state and the adapted clipping norm of each phase (adaptive clipping) of
+    a saved ledger; a fixed-clipping ledger is the accountant's state alone."""
+    if not saved:
+        return None, {}
+    state = json.loads(saved)
+    if "rdp" in state:
+        return state["rdp"], {k: float(v) for k, v in state.get("clipping_norms", {}).items()}
+    return state, {}
 
 
 def spent(accountant: RdpAccountant, privacy: PrivacyConfig) -> dict[str, Any]:
     """What the run has spent so far, for logs and summary.json."""
     used = accountant.get_privacy_spent()
     return {"dp": privacy.dp, "noise_multiplier": privacy.noise_multiplier, "clipping_norm": privacy.clipping_norm,
-            "epsilon": round(used.epsilon, 4), "delta": used.delta, "releases": used.num_releases,
-            "guarantee": GUARANTEE}
+            "clipping": privacy.clipping, "epsilon": round(used.epsilon, 4), "delta": used.delta,
+            "releases": used.num_releases, "guarantee": GUARANTEE}
 
 
 class Accountant:
@@ -53,9 +67,12 @@ class Accountant:
     def __init__(self, privacy: PrivacyConfig, num_sites: int, saved_ledger: str | None = None):
         self.privacy = privacy
         self.accountant = new_accountant(privacy, num_sites, saved_ledger)
+        # Adaptive clipping: each phase's current clipping norm, so a resumed run continues from it.
+        self.clipping_norms = read_ledger(saved_ledger)[1]
 
     def ledger(self) -> str:
-        return ledger(self.accountant)
+        return ledger(self.accountant, self.clipping_norms)
 
     def spent(self) -> dict[str, Any]:
-        return spent(self.accountant, self.privacy)
+        return {**spent(self.accountant, self.privacy),
+                **({"adapted_clipping_norms": dict(self.clipping_norms)} if self.clipping_norms else {})}

@@ -47,13 +47,14 @@ from flwr.serverapp.strategy import (
     Krum,
     MultiKrum,
 )
+from flwr.serverapp.strategy.dp_adaptive_clipping import DifferentialPrivacyAdaptiveBase
 from flwr.serverapp.strategy.dp_fixed_clipping import DifferentialPrivacyFixedClippingBase
-from flwr.supercore.privacy_accounting import PrivacyAccountant
 
 from fedmae.config import ExperimentConfig, sites_needed
 from fedmae.engine.loop import MetricsLog
-from fedmae.federated.updates import from_wire, to_wire, update_norm, update_problem
+from fedmae.federated.updates import to_wire, update_from_wire, update_norm, update_problem
 from fedmae.metrics import weighted_mean
+from server.adaptive_clipping import ADAPTIVE_WRAPPERS, AccountedAdaptiveClipping, adaptive_wrapper_args
 
 log = logging.getLogger("fedmae.server")
 
@@ -83,7 +84,7 @@ class GuardedRounds:
 
     @property
     def private(self) -> bool:
-        return isinstance(self, DifferentialPrivacyFixedClippingBase)
+        return isinstance(self, (DifferentialPrivacyFixedClippingBase, DifferentialPrivacyAdaptiveBase))
 
     @property
     def averaging(self) -> FedAvg:
@@ -148,7 +149,7 @@ class GuardedRounds:
             try:
                 site = str(message.content["site"]["name"])
                 metrics = dict(message.content["metrics"])
-                update = from_wire(message.content[key].to_torch_state_dict(), self.transport, self.reference)
+                update = update_from_wire(message.content[key].to_torch_state_dict(), self.transport, self.reference)
                 problem = update_problem(update, self.reference)
             except (KeyError, TypeError, ValueError) as err:
                 self._record(server_round, site, "rejected", reason=f"malformed reply ({type(err).__name__}: {err})")
@@ -173,6 +174,8 @@ class GuardedRounds:
                              reason="no answer within federated.round_timeout")
         summary = {"phase": self.phase, "round": server_round, "sampled": len(self.sampled), "usable": len(usable),
                    "seconds": round(time.monotonic() - self.round_started, 3)}
+        if self.private:
+            summary["clipping_norm"] = self.clipping_norm  # this round's (adaptive clipping changes it after)
         needed = len(self.sampled) if self.private else self.min_usable
         if len(usable) < needed:
             why = ("differential privacy: the noise is calibrated for every sampled site" if self.private
@@ -237,12 +240,12 @@ class GuardedRounds:
         self.metrics_log.write({"phase": self.phase, "round": server_round, "site": site, "status": status, **fields})
 
 
-def build_strategy(cfg: ExperimentConfig, phase: str, num_sites: int, accountant: PrivacyAccountant | None = None,
+def build_strategy(cfg: ExperimentConfig, phase: str, num_sites: int, privacy_ledger: Any = None,
                    **setup: Any) -> Any:
     """The configured Flower strategy with fedmae's checks. Pre-training uses cfg.federated.strategy;
     fine-tuning averages with FedAvg (its classification heads start identical at every site).
     With differential privacy: fedmae's checks on top of Flower's DP wrapper around the strategy,
-    which spends ``accountant``'s budget."""
+    which spends the budget of ``privacy_ledger`` (``server.privacy.Accountant``)."""
     fed = cfg.federated
     name = fed.strategy if phase == "pretrain" else "fedavg"
     base = STRATEGIES[name]
@@ -268,12 +271,19 @@ def build_strategy(cfg: ExperimentConfig, phase: str, num_sites: int, accountant
     privacy = fed.privacy
     if privacy.dp == "none":
         strategy = type(f"Guarded{base.__name__}", (GuardedRounds, base), {})(**kwargs)
-    else:
+    elif privacy.clipping == "fixed":
         wrapper = DP_WRAPPERS[privacy.dp]
         sampled = max(int(num_sites * fed.fraction_train), kwargs["min_train_nodes"])
         strategy = type(f"Guarded{wrapper.__name__}", (GuardedRounds, wrapper), {})(
             base(**kwargs, weighted_by_key=EQUAL_WEIGHT), privacy.noise_multiplier, privacy.clipping_norm, sampled,
-            accountant=accountant)
+            accountant=privacy_ledger.accountant)
+    else:
+        wrapper = ADAPTIVE_WRAPPERS[privacy.dp]
+        sampled = max(int(num_sites * fed.fraction_train), kwargs["min_train_nodes"])
+        strategy = type(f"Guarded{wrapper.__name__}", (GuardedRounds, AccountedAdaptiveClipping, wrapper), {})(
+            base(**kwargs, weighted_by_key=EQUAL_WEIGHT), privacy.noise_multiplier, sampled,
+            **adaptive_wrapper_args(privacy, sampled))
+        strategy.setup_accounting(privacy, privacy_ledger, phase)
     # A robust strategy's round means something only with enough usable updates (sites_needed).
     min_usable = max(fed.min_sites, sites_needed(fed)) if name == fed.strategy else fed.min_sites
     strategy.setup_rounds(phase=phase, transport=fed.transport, min_usable=min_usable, **setup)

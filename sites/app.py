@@ -25,7 +25,7 @@ from flwr.compat.common import recorddict_compat as compat
 from fedmae.federated.flower_logging import log_through_flower
 from fedmae.federated.site import SiteStateError
 from fedmae.federated.site_run import SiteRun, site_run
-from fedmae.federated.updates import TENSOR_NAMES, received_model, to_wire
+from fedmae.federated.updates import TENSOR_NAMES, received_model
 
 app = ClientApp()
 log = logging.getLogger("fedmae.site")
@@ -44,12 +44,12 @@ def train(msg: Message, context: Context) -> Message:
         return secaggplus_mod(msg, context, _train_securely)
     request = dict(msg.content["config"])
     run = _site(context, request)
-    transport = run.cfg.federated.transport
     try:
-        state, metrics = run.train(request, received_model(msg.content["arrays"].to_torch_state_dict(), transport))
+        wire, metrics = run.train(request, received_model(msg.content["arrays"].to_torch_state_dict(),
+                                                          run.cfg.federated.transport))
     except SiteStateError as err:
         return _refuse(msg, err)
-    return _reply(msg, run, metrics, ArrayRecord(to_wire(state, transport)))
+    return _reply(msg, run, metrics, ArrayRecord(wire))
 
 
 def _train_securely(msg: Message, context: Context) -> Message:

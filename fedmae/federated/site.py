@@ -50,6 +50,7 @@ from fedmae.engine.pretrain import (
 )
 from fedmae.engine.runs import Stopwatch
 from fedmae.models.factory import build_finetune_model, build_mae
+from fedmae.federated.updates import clip_update, update_to_wire
 from fedmae.models.state import encoder_entries, load_encoder_entries, load_model_state
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,9 @@ class _SiteRounds:
         # The model and optimiser after the last round this object trained, so the next round
         # skips rebuilding and reloading them; the disk copy is what survives a restart.
         self._live: tuple[int, torch.nn.Module, torch.optim.Optimizer] | None = None
+        # int8 transport: what quantisation lost of this site's last update, added to its next
+        # (error feedback); kept in the round's state file, so a resumed or rebuilt site has it.
+        self.carried: dict[str, torch.Tensor] | None = None
 
     def _build(self) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         raise NotImplementedError
@@ -121,7 +125,7 @@ class _SiteRounds:
             if server_round > 1:
                 log.warning("site %s: no %s state of an earlier round in %s: round %d starts from the initial state",
                             self.site.name, self.phase, self.state_dir, server_round)
-            self.step = 0
+            self.step, self.carried = 0, None
             return
         latest, path = earlier[-1]
         try:
@@ -140,16 +144,32 @@ class _SiteRounds:
         load_model_state(model, payload["model"], str(path))
         optimizer.load_state_dict(payload["optimizer"])
         self.step = payload["step"]
+        self.carried = payload["extra"].get("transport_carry")
 
     def _save(self, server_round: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, metrics: dict) -> None:
         save_checkpoint(
             self._state_path(server_round), kind="site", model_state=model.state_dict(), config=self.cfg.to_dict(),
             epoch=server_round, step=self.step, optimizer_state=optimizer.state_dict(), metrics=metrics,
-            extra={"site": self.site.name, "phase": self.phase},
+            extra={"site": self.site.name, "phase": self.phase,
+                   **({"transport_carry": self.carried} if self.carried is not None else {})},
         )
         for _, old in self._saved()[:-KEEP_STATES]:
             remove_checkpoint(old)
         self._live = (server_round, model, optimizer)
+
+    def _leaving(self, state: dict[str, torch.Tensor], received: dict[str, torch.Tensor], metrics: dict[str, Any],
+                 clip_to: float | None) -> dict[str, torch.Tensor]:
+        """The weights as they leave this site, in the run's transport (call before ``_save``,
+        which keeps what int8 carries to the next round)."""
+        if clip_to is not None:
+            # Client-side DP: the update is clipped here, in fp32, before it leaves. Flower's
+            # fixedclipping_mod would clip the reply as sent, i.e. after the cast to the wire
+            # precision (bf16 travels as int16 bits). norm_bit (clipped or not) is what Flower's
+            # adaptive clipping counts to adapt the norm.
+            state, norm = clip_update(state, received, clip_to)
+            metrics.update(update_norm_before_clipping=norm, norm_bit=float(norm > clip_to))
+        wire, self.carried = update_to_wire(state, received, self.cfg.federated.transport, self.carried)
+        return wire
 
 
 class SitePretraining(_SiteRounds):
@@ -176,9 +196,10 @@ class SitePretraining(_SiteRounds):
         return model, build_optimizer(model, self.cfg.pretrain_lr, p.weight_decay, p.betas)
 
     def train_round(
-        self, global_encoder: dict[str, torch.Tensor], server_round: int, proximal_mu: float = 0.0
-    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Local epochs from the global encoder; returns the new encoder (``encoder.*`` keys) and metrics."""
+        self, global_encoder: dict[str, torch.Tensor], server_round: int, proximal_mu: float = 0.0,
+        clip_to: float | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Local epochs from the global encoder; returns the new encoder (``encoder.*`` keys) as it
+        leaves the site (clipped to ``clip_to`` under client-side DP, in the run's transport) and metrics."""
         watch = Stopwatch()
         model, optimizer = self._start_round(server_round)
         load_encoder_entries(model, global_encoder)
@@ -194,8 +215,9 @@ class SitePretraining(_SiteRounds):
             losses.append(loss)
         metrics = {"train_loss": sum(losses) / len(losses), "num-examples": self.num_examples,
                    "seconds": watch.seconds, "lr": optimizer.param_groups[0]["lr"]}
+        wire = self._leaving(encoder_entries(model.state_dict()), global_encoder, metrics, clip_to)
         self._save(server_round, model, optimizer, metrics)
-        return encoder_entries(model.state_dict()), metrics
+        return wire, metrics
 
     def evaluate(self, global_encoder: dict[str, torch.Tensor], server_round: int) -> dict[str, Any]:
         """Validation reconstruction loss of the global encoder with this site's decoder."""
@@ -233,7 +255,8 @@ class SiteFinetuning(_SiteRounds):
         f = self.cfg.finetune
         return model, build_optimizer(model, self.cfg.finetune_lr, f.weight_decay, f.betas, f.layer_decay)
 
-    def train_round(self, global_model: dict[str, torch.Tensor], server_round: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def train_round(self, global_model: dict[str, torch.Tensor], server_round: int, clip_to: float | None = None
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         watch = Stopwatch()
         model, optimizer = self._start_round(server_round)
         load_model_state(model, global_model, "global model")
@@ -245,8 +268,9 @@ class SiteFinetuning(_SiteRounds):
                                              epoch, self.step, self.device, f"{self.site.name} fine-tune round {server_round}")
             losses.append(loss)
         metrics = {"train_loss": sum(losses) / len(losses), "num-examples": self.num_examples, "seconds": watch.seconds}
+        wire = self._leaving({k: v.detach().cpu() for k, v in model.state_dict().items()}, global_model, metrics, clip_to)
         self._save(server_round, model, optimizer, metrics)
-        return {k: v.detach().cpu() for k, v in model.state_dict().items()}, metrics
+        return wire, metrics
 
     def evaluate(self, global_model: dict[str, torch.Tensor], split: str) -> dict[str, float]:
         """Task metrics of the global model on this site's ``split``, in the flat form that may

@@ -26,10 +26,12 @@ from fedmae.data.cohort import Cohort, load_cohort
 from fedmae.data.splits import SiteData
 from fedmae.federated.settings import site_config
 from fedmae.federated.site import SiteFinetuning, SitePretraining
-from fedmae.federated.updates import clip_update
 from fedmae.metrics import Metrics
 
 Weights = dict[str, torch.Tensor]
+# Where Flower's client-side adaptive-clipping wrapper puts the round's clipping norm
+# (flwr.supercore.differential_privacy.KEY_CLIPPING_NORM; the library does not import Flower).
+CLIPPING_NORM_KEY = "clipping_norm"
 
 
 @dataclasses.dataclass
@@ -65,22 +67,21 @@ class SiteRun:
         return metrics, {"class-names": "" if isinstance(task, str) else "\t".join(task.class_names)}
 
     def train(self, request: Mapping[str, Any], received: Weights) -> tuple[Weights, dict[str, Any]]:
-        """One training round of ``request["phase"]`` from the server's weights: the new weights and metrics."""
+        """One training round of ``request["phase"]`` from the server's weights: the new weights
+        as they leave the site (clipped under client-side DP, in the run's transport) and metrics."""
         phase, server_round = str(request["phase"]), int(request["round"])
         fed = self.cfg.federated
+        clip_to = None
+        if fed.privacy.dp == "client":
+            # Adaptive clipping: the server sends this round's norm (under Flower's key); fixed: the configured one.
+            clip_to = float(request.get(CLIPPING_NORM_KEY, fed.privacy.clipping_norm))
         if phase == "pretrain":
             mu = fed.proximal_mu if fed.strategy == "fedprox" else 0.0
-            state, metrics = self.pretrainer().train_round(received, server_round, proximal_mu=mu)
+            state, metrics = self.pretrainer().train_round(received, server_round, proximal_mu=mu, clip_to=clip_to)
         elif phase == "finetune":
-            state, metrics = self.finetuner().train_round(received, server_round)
+            state, metrics = self.finetuner().train_round(received, server_round, clip_to=clip_to)
         else:
             raise ValueError(f"unknown training phase {phase!r}")
-        if fed.privacy.dp == "client":
-            # Client-side DP: the update is clipped here, in fp32, before it leaves. Flower's
-            # fixedclipping_mod would clip the reply as sent, i.e. after the cast to the wire
-            # precision (bf16 travels as int16 bits).
-            state, norm = clip_update(state, received, fed.privacy.clipping_norm)
-            metrics = {**metrics, "update_norm_before_clipping": norm}
         return state, metrics
 
     def evaluate(self, request: Mapping[str, Any], received: Weights) -> dict[str, Any]:
