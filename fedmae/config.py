@@ -197,6 +197,10 @@ class FederatedConfig:
     # at once as the GPUs hold). Deployments ignore both: each site has its own machine.
     cpus_per_site: int | None = None
     sites_per_gpu: int | None = None
+    # Simulation on a running Ray cluster (its head's address, e.g. "10.0.0.5:6379", as `ray start
+    # --head` prints it) instead of a Ray started on this machine: docs/ray-cluster.md. Sites then
+    # ask for cpus_per_site (default 1) and 1/sites_per_gpu GPUs (default none) of the cluster.
+    ray_address: str | None = None
     # Sites a process keeps live (model, optimiser, loaders) between rounds; the others are
     # rebuilt from their state on disk when asked again, with the same result. Bounds a
     # simulation's memory however many sites it has.

@@ -41,8 +41,12 @@ def client_resources(num_sites: int, cpus: int | None = None, fed: FederatedConf
     equal share of ``cpus`` (default: the machine's) so that all sites run at once if they fit.
     GPU share: 1 / ``federated.sites_per_gpu``, else the ``gpus`` (default: those torch sees)
     shared evenly, at most one per site; none without a GPU. Ray runs as many sites at once as
-    these shares fit in the machine."""
+    these shares fit in the machine. On a Ray cluster (``federated.ray_address``) this machine's
+    cores and GPUs say nothing of the cluster's: a site asks for ``cpus_per_site`` (default 1) and
+    1 / ``sites_per_gpu`` GPUs (default none)."""
     fed = fed or FederatedConfig()
+    if fed.ray_address:
+        return {"num-cpus": fed.cpus_per_site or 1, "num-gpus": round(1.0 / fed.sites_per_gpu, 4) if fed.sites_per_gpu else 0.0}
     cpus = cpus or os.cpu_count() or 1
     gpus = torch.cuda.device_count() if gpus is None else gpus
     if fed.cpus_per_site and fed.cpus_per_site > cpus:  # Ray would never find room for one site: a hang
@@ -56,6 +60,19 @@ def client_resources(num_sites: int, cpus: int | None = None, fed: FederatedConf
     else:
         num_gpus = min(1.0, gpus / num_sites)
     return {"num-cpus": num_cpus, "num-gpus": round(num_gpus, 4)}
+
+
+def _ray_init(fed: FederatedConfig, cpus: int | None) -> tuple[str, dict[str, str]]:
+    """How the simulation backend starts Ray: its ``init-args`` lines in Flower's config.toml, and
+    environment for the SuperLink (whose simulation process calls ``ray.init``)."""
+    if fed.ray_address:
+        # Join the running cluster. Flower 1.42's config.toml passes only num-cpus / num-gpus /
+        # logging-level / log-to-driver to ray.init, no address; ray.init takes it from
+        # RAY_ADDRESS, and refuses a core count for a cluster it did not start.
+        return "", {"RAY_ADDRESS": fed.ray_address}
+    # Ray schedules actors within this many cores, so a simulation given a share of the machine
+    # (a comparison running other arms beside it) keeps to it.
+    return (f"options.backend.init-args.num-cpus = {cpus}\n" if cpus else ""), {}
 
 
 def simulate(cfg: ExperimentConfig, num_sites: int, output_dir: Path, resume: bool = False, stream=None,
@@ -74,17 +91,16 @@ def simulate(cfg: ExperimentConfig, num_sites: int, output_dir: Path, resume: bo
     home = Path(tempfile.mkdtemp(prefix="fedmae-flwr-"))
     http_port, control_port = free_port(), free_port()
     resources = client_resources(num_sites, cpus, cfg.federated)
+    ray_options, ray_env = _ray_init(cfg.federated, cpus)
     (home / "config.toml").write_text(
         '[superlink]\ndefault = "fedmae-simulation"\n\n[superlink.fedmae-simulation]\n'
         f'address = "127.0.0.1:{http_port}"\ninsecure = true\n'
         f"options.num-supernodes = {num_sites}\n"
         f"options.backend.client-resources.num-cpus = {resources['num-cpus']}\n"
         f"options.backend.client-resources.num-gpus = {resources['num-gpus']}\n"
-        # Ray schedules actors within this many cores, so a simulation given a share of the
-        # machine (a comparison running other arms beside it) keeps to it.
-        + (f"options.backend.init-args.num-cpus = {cpus}\n" if cpus else "")
+        + ray_options
     )
-    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    env = {**os.environ, **ray_env, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
            "FLWR_DISABLE_UPDATE_CHECK": "1"}
     output_dir.mkdir(parents=True, exist_ok=True)
     # A terminated `fedmae simulate` must still stop what it started: SIGTERM unwinds like Ctrl-C.
@@ -112,8 +128,10 @@ def simulate(cfg: ExperimentConfig, num_sites: int, output_dir: Path, resume: bo
             f"output-dir={json.dumps(str(output_dir.absolute()))}",
             f"resume={'true' if resume else 'false'}",
         ])
-        log.info("simulating %d sites (%s CPU, %s GPU each) with Flower; SuperLink log: %s",
-                 num_sites, resources["num-cpus"], resources["num-gpus"], output_dir / "superlink.log")
+        log.info("simulating %d sites (%s CPU, %s GPU each) with Flower%s; SuperLink log: %s",
+                 num_sites, resources["num-cpus"], resources["num-gpus"],
+                 f" on the Ray cluster at {cfg.federated.ray_address}" if cfg.federated.ray_address else "",
+                 output_dir / "superlink.log")
         command = [flower_tool("flwr"), "run", str(APP_DIR), "fedmae-simulation", "--stream", "--run-config", run_config]
         # `flwr run` is this process's own child (same session): the kernel ends it with this process.
         return subprocess.run(command, env=env, stdout=stream, stderr=subprocess.STDOUT if stream else None,

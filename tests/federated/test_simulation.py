@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from fedmae.checkpoint import load_checkpoint
 from fedmae.config import FederatedConfig
-from fedmae.federated.simulate import client_resources
+from fedmae.federated.simulate import client_resources, free_port
+from fedmae.federated.watchdog import descendants, stop_pids
 from tests.command_line import fedmae, flower_processes, write_config
 from tests.tiny import tiny_raw
 
@@ -93,6 +97,11 @@ def test_client_resources_follow_the_sites_share_settings():
     assert client_resources(71, cpus=16, fed=shared, gpus=0) == {"num-cpus": 2, "num-gpus": 0.0}  # CPU machine: no GPU asked
     with pytest.raises(ValueError, match=r"^federated.cpus_per_site: 32, but the simulation has 16 core\(s\)"):
         client_resources(4, cpus=16, fed=dataclasses.replace(fed, cpus_per_site=32), gpus=0)
+    # On a Ray cluster this machine's cores and GPUs do not count: the sites ask for what is set.
+    cluster = dataclasses.replace(fed, ray_address="10.0.0.5:6379")
+    assert client_resources(71, cpus=2, fed=cluster, gpus=0) == {"num-cpus": 1, "num-gpus": 0.0}
+    assert client_resources(71, cpus=2, fed=dataclasses.replace(cluster, cpus_per_site=8, sites_per_gpu=4),
+                            gpus=0) == {"num-cpus": 8, "num-gpus": 0.25}
 
 
 def test_the_sites_share_settings_are_checked(tmp_path):
@@ -115,4 +124,46 @@ def test_twelve_sites_with_two_kept_live_per_process_complete_every_round(tmp_pa
     trained = {(r["round"], r["site"]) for r in records if r.get("status") == "ok"}
     assert trained == {(n, f"site-{i}") for n in (1, 2, 3) for i in range(12)}
     assert all(not r["kept_previous_model"] for r in records if "usable" in r)
+    assert flower_processes() == before, "a Flower or Ray process outlived the run"
+
+
+@pytest.mark.slow
+def test_simulate_joins_a_running_ray_cluster_and_leaves_it_running(tmp_path):
+    """federated.ray_address: the simulation's sites run on a Ray cluster it did not start (here a
+    head node on loopback, started and stopped by pid), which is still up after the run."""
+    before = flower_processes()
+    port, client_port = free_port(), free_port()
+    ray_dir = Path(tempfile.mkdtemp(prefix="fr", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    head = subprocess.Popen(
+        [shutil.which("ray") or "ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
+         "--ray-client-server-port", str(client_port), "--num-cpus", "2", "--include-dashboard", "false",
+         "--disable-usage-stats", "--temp-dir", str(ray_dir)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        started = ""
+        for line in head.stdout:
+            started += line
+            if "Ray runtime started" in line:
+                break
+        assert "Ray runtime started" in started, started[-2000:]
+        raw = tiny_raw(2, data={"num_sites": 2, "cases_per_site": 4}, pretrain={"epochs": 2, "warmup_epochs": 1},
+                       federated={"min_sites": 2, "round_timeout": 300, "finetune": "none",
+                                  "ray_address": f"127.0.0.1:{port}"})
+        result = fedmae("simulate", "--config", str(write_config(tmp_path, raw)), "--output", "fed", cwd=tmp_path)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert f"simulating 2 sites (1 CPU, 0.0 GPU each) with Flower on the Ray cluster at 127.0.0.1:{port}" in result.stderr
+        records = [json.loads(line) for line in (tmp_path / "fed" / "rounds.jsonl").read_text().splitlines()]
+        assert {(r["round"], r["site"]) for r in records if r.get("status") == "ok"} == {
+            (n, f"site-{i}") for n in (1, 2) for i in range(2)}
+        # The sites ran as the cluster's workers (their logs are in its session folder), and the
+        # cluster is still up: the run stopped only what it started.
+        actors = [p for p in ray_dir.glob("session_latest/logs/worker-*.out") if ":actor_name:ClientAppActor" in p.read_text()]
+        assert len(actors) >= 1
+        assert head.poll() is None
+    finally:
+        cluster = [head.pid, *descendants(head.pid)]
+        head.terminate()
+        head.wait(timeout=60)
+        stop_pids(cluster)
+        shutil.rmtree(ray_dir, ignore_errors=True)
     assert flower_processes() == before, "a Flower or Ray process outlived the run"
