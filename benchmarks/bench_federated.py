@@ -10,11 +10,15 @@ pre-training on the pooled training images against federated pre-training of K s
   - Flower simulation (``--flower``): `fedmae simulate`, i.e. a SuperLink and Ray actors; it also
     pays process start-up and each actor's data loading, and runs sites in parallel when the
     machine has the cores.
-* (b) bytes per site per round, each way, measured on the messages, against the whole MAE in fp32;
-  and what fp16 / bf16 transport costs in final validation reconstruction loss.
+* (b) bytes per site per round, each way, measured on the messages (the weights' ArrayRecord as
+  Flower's protobuf: arrays with their headers, names, shapes), against the whole MAE in fp32;
+  and what fp16 / bf16 / int8 transport costs in final validation reconstruction loss.
 
-    python benchmarks/bench_federated.py                 # 3 sites, 10 epochs, in-process only
-    python benchmarks/bench_federated.py --flower        # also the Flower simulation engine
+Both sides are timed as a user runs them: loading the data included (the centralised run loads
+the pooled cohort, the sites their own).
+
+    python benchmarks/bench_federated.py                       # 3 sites, 10 epochs, in-process only
+    python benchmarks/bench_federated.py --flower --epochs 10 40   # both budgets, also Flower's engine
 """
 
 from __future__ import annotations
@@ -81,24 +85,35 @@ def flower(folder: Path, args: argparse.Namespace) -> float:
     return time.perf_counter() - start
 
 
+TRANSPORTS = ("fp32", "fp16", "bf16", "int8")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sites", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=10, help="pre-training epochs (= rounds x local epochs)")
+    parser.add_argument("--epochs", type=int, nargs="+", default=[10],
+                        help="pre-training epochs (= rounds x local epochs); several: one benchmark each")
     parser.add_argument("--local-epochs", type=int, default=1)
     parser.add_argument("--flower", action="store_true", help="also time `fedmae simulate` (Flower + Ray)")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    work = Path(tempfile.mkdtemp(prefix="fedmae-bench-"))
+    results = []
+    for epochs in args.epochs:
+        results.append(benchmark(argparse.Namespace(**{**vars(args), "epochs": epochs})))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
 
+
+def benchmark(args: argparse.Namespace) -> dict:
+    work = Path(tempfile.mkdtemp(prefix="fedmae-bench-"))
     cfg = load_config(experiment(work / "central", args))
-    cohort = load_cohort(cfg)
     start = time.perf_counter()
+    cohort = load_cohort(cfg)
     pretrain(cfg, work / "central" / "out", cohort=cohort)
     central = time.perf_counter() - start
 
-    runs = {t: in_process(work / t, args, t) for t in ("fp32", "fp16", "bf16")}
+    runs = {t: in_process(work / t, args, t) for t in TRANSPORTS}
     full_mae = sum(t.numel() * t.element_size() for t in build_mae(cfg).state_dict().values())
     flower_s = flower(work / "flower", args) if args.flower else None
 
@@ -113,13 +128,12 @@ def main() -> None:
         print(f"      Flower simulation (fedmae simulate, incl. SuperLink + Ray start-up) {flower_s:.1f} s "
               f"-> overhead ratio {flower_s / central:.2f}")
     print(f"  (b) per site per round; whole MAE in fp32 = {full_mae / 1e6:.3f} MB")
-    print("      transport   server->site MB   site->server MB   vs whole MAE   final val loss   vs fp32")
+    print("      transport   server->site MB (vs whole MAE)   site->server MB (vs whole MAE)   final val loss   vs fp32")
     for name, r in runs.items():
-        print(f"      {name:9s}   {r['down'] / 1e6:15.3f}   {r['up'] / 1e6:15.3f}   {r['up'] / full_mae:12.2f}"
-              f"   {r['val_loss']:14.5f}   {r['val_loss'] - runs['fp32']['val_loss']:+.5f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"centralised_s": central, "flower_s": flower_s, "full_mae_bytes": full_mae,
-                                               "runs": runs, "sites": args.sites, "epochs": args.epochs}, indent=2))
+        print(f"      {name:9s}   {r['down'] / 1e6:15.3f} ({r['down'] / full_mae:.3f})   {r['up'] / 1e6:15.3f} "
+              f"({r['up'] / full_mae:.3f})   {r['val_loss']:14.5f}   {r['val_loss'] - runs['fp32']['val_loss']:+.5f}")
+    return {"centralised_s": central, "flower_s": flower_s, "full_mae_bytes": full_mae, "runs": runs,
+            "sites": args.sites, "epochs": args.epochs}
 
 
 if __name__ == "__main__":

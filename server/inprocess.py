@@ -15,6 +15,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.serde import array_record_to_proto
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -93,7 +94,8 @@ class InProcessGrid(Grid):
 
 
 def weight_bytes(message: Message) -> int:
-    """Bytes of the weights a message carries (its ArrayRecord), 0 without one."""
+    """Bytes of the weights a message carries: its ArrayRecord serialised as Flower's protobuf
+    (arrays with their headers, names, shapes and dtypes), 0 without one."""
     if message.has_error() or "arrays" not in message.content:
         return 0
-    return sum(len(array.data) for array in message.content["arrays"].values())
+    return array_record_to_proto(message.content["arrays"]).ByteSize()

@@ -70,8 +70,8 @@ def test_int8_runs_send_a_quarter_of_the_bytes_each_way_and_end_close_to_fp32(tm
     fp32 = first_train_bytes(grids["fp32"][0], "down")
     assert first_train_bytes(grids["fp32"][0], "up") == fp32
     # 1 byte a weight plus 4 a block of 256; a tiny model's many short tensors each pay a whole
-    # block and an array header (the demo model's encoder travels at 0.26x, benchmarks/bench_federated.py).
-    assert first_train_bytes(grid, "down") <= 0.28 * fp32 and first_train_bytes(grid, "up") <= 0.28 * fp32
+    # block and ~190 bytes of protobuf per array (the demo model travels at ~0.26x, benchmarks/bench_federated.py).
+    assert first_train_bytes(grid, "down") <= 0.30 * fp32 and first_train_bytes(grid, "up") <= 0.30 * fp32
     # The server's model stays fp32; quantisation moves it only slightly from the fp32 run's.
     a, b = global_encoder(grids["fp32"][1]), global_encoder(run_config)
     assert all(t.dtype == torch.float32 for t in b.values())
