@@ -11,8 +11,10 @@ corrupted or altered checkpoint is refused instead of trained on. Loading uses
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
+import os
 import pickle
 import platform
 import re
@@ -37,14 +39,19 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be used; the message names the file and the problem."""
 
 
-def package_versions() -> dict[str, str]:
+@functools.cache  # read from the installed packages' metadata files: once per process, not per checkpoint
+def _installed_versions() -> tuple[tuple[str, str], ...]:
     versions = {"python": platform.python_version()}
     for package in ("fedmae", "torch", "timm", "monai", "numpy", "flwr"):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             versions[package] = "not installed"
-    return versions
+    return tuple(versions.items())
+
+
+def package_versions() -> dict[str, str]:
+    return dict(_installed_versions())
 
 
 def save_checkpoint(
@@ -111,11 +118,54 @@ def verify_digest(path: str | Path) -> bool:
     return True
 
 
+class _HashingWriter:
+    """A binary file that hashes what goes through it: the digest of a checkpoint comes with
+    writing it, instead of reading the file back (torch.save writes its archive front to back)."""
+
+    def __init__(self, handle):
+        self.handle, self.digest, self.written = handle, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        self.written += len(data)
+        return self.handle.write(data)
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+    def tell(self) -> int:
+        return self.written
+
+
 def _write_with_digest(path: Path, write) -> Path:
     """Write ``path`` atomically, then record its SHA-256 next to it (also atomically)."""
-    atomic_write(path, write)
-    atomic_write_text(digest_path(path), f"{sha256_of(path)}  {path.name}\n")
+    hashed: list[_HashingWriter] = []
+
+    def write_hashed(handle) -> None:
+        hashed.append(_HashingWriter(handle))
+        write(hashed[-1])
+
+    atomic_write(path, write_hashed)
+    atomic_write_text(digest_path(path), f"{hashed[-1].digest.hexdigest()}  {path.name}\n")
     return path
+
+
+def link_checkpoint(source: str | Path, target: str | Path) -> Path:
+    """``target`` becomes the same checkpoint as ``source`` (with its manifest), atomically, without
+    writing the weights again: a hard link where the file system has them, else a copy."""
+    source, target = Path(source), Path(target)
+    recorded = digest_path(source).read_text().split()[0]
+    tmp = target.with_name(f".{target.name}.link.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:  # no hard links here (some network or FAT file systems): copy
+        import shutil
+
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+    atomic_write_text(digest_path(target), f"{recorded}  {target.name}\n")
+    return target
 
 
 def load_checkpoint(path: str | Path, expect_kind: Kind | None = None) -> dict[str, Any]:

@@ -182,6 +182,10 @@ class FederatedConfig:
     fraction_train: float = 1.0  # share of the sites asked to train each round
     min_sites: int = 1  # usable updates a round needs; fewer and the global model stays as it was
     eval_every: int = 1  # validate the global model at the sites every this many rounds (and after the last)
+    # Write the global checkpoint, and in a simulation each site's state (decoder, optimiser), every
+    # this many rounds (and after the last): a stopped run resumes from the last one, exactly. A
+    # deployed site writes its state every round: Flower starts its ClientApp afresh per message.
+    checkpoint_every: int = 1
     round_timeout: float = 3600.0  # seconds a round waits for sites; later replies are dropped
     proximal_mu: float = 0.01  # fedprox: weight of the proximal term mu/2 ||w - w_global||^2
     server_lr: float = 1.0  # fedavgm / fedadam: server learning rate (fedadam usually 0.01-0.1)
@@ -587,8 +591,9 @@ def _check_federated(fed: FederatedConfig, src: Source) -> None:
     for key in ("round_timeout", "server_lr"):
         if getattr(fed, key) <= 0:
             fail(f"federated.{key}", f"must be positive, got {getattr(fed, key)}")
-    if fed.eval_every < 1:
-        fail("federated.eval_every", f"must be at least 1, got {fed.eval_every}")
+    for key in ("eval_every", "checkpoint_every"):
+        if getattr(fed, key) < 1:
+            fail(f"federated.{key}", f"must be at least 1, got {getattr(fed, key)}")
     if fed.live_sites < 1:
         fail("federated.live_sites", f"must be at least 1, got {fed.live_sites}")
     for key in ("cpus_per_site", "sites_per_gpu"):
@@ -632,6 +637,10 @@ def _check_privacy(fed: FederatedConfig, src: Source) -> None:
         if fed.strategy not in AVERAGING_STRATEGIES:
             fail("federated.strategy", f"differential privacy needs fedavg or fedprox (its noise and accounting assume a plain "
                  f"average), got {fed.strategy}")
+        if fed.checkpoint_every != 1:
+            fail("federated.checkpoint_every", f"must be 1 with differential privacy, got {fed.checkpoint_every}: every "
+                 "released round is checkpointed with the privacy ledger, else a resumed run would release rounds again "
+                 "without counting them")
         if p.dp == "client" and fed.transport == "int8":
             fail("federated.transport", "int8 carries what quantisation drops of a site's update into its next round, "
                  "outside the clipping client-side DP accounts for; use fp32, fp16 or bf16 (or dp: server)")

@@ -29,8 +29,9 @@ def serve_as_server(run_id: int) -> None:
 
 
 class InProcessGrid(Grid):
-    def __init__(self, client_app: Any, node_configs: list[dict[str, Any]], run_config: dict[str, Any], run_id: int = 7):
-        self.client_app, self.run_id = client_app, run_id
+    def __init__(self, client_app: Any, node_configs: list[dict[str, Any]], run_config: dict[str, Any], run_id: int = 7,
+                 count_bytes: bool = True):
+        self.client_app, self.run_id, self.count_bytes = client_app, run_id, count_bytes
         serve_as_server(run_id)
         self.contexts = {
             100 + i: Context(run_id=run_id, node_id=100 + i, node_config=dict(node), state=RecordDict(),
@@ -41,7 +42,8 @@ class InProcessGrid(Grid):
         self.crashes: dict[int, Callable[[Message], str | None]] = {}  # node -> why it crashes on this message
         self.sent: list[Message] = []
         # (direction, message type, bytes of weights) as they crossed the "wire", before the server
-        # converts anything: what a real deployment would transmit.
+        # converts anything: what a real deployment would transmit. Counting serialises every
+        # message once more: ``count_bytes=False`` when timing.
         self.traffic: list[tuple[str, str, int]] = []
         self._next_id = 0
 
@@ -71,7 +73,8 @@ class InProcessGrid(Grid):
             self._next_id += 1
             message.metadata._message_id = f"m{self._next_id}"  # what the SuperLink assigns
             self.sent.append(message)
-            self.traffic.append(("down", message.metadata.message_type, weight_bytes(message)))
+            if self.count_bytes:
+                self.traffic.append(("down", message.metadata.message_type, weight_bytes(message)))
             TaskIdentity.node_id, TaskIdentity.task_id = node, self._next_id
             try:
                 crash = self.crashes.get(node, lambda m: None)(message)
@@ -88,7 +91,7 @@ class InProcessGrid(Grid):
                 reply = self.faults[node](message, reply)
             if reply is not None:
                 replies.append(reply)
-                if not reply.has_error():
+                if self.count_bytes and not reply.has_error():
                     self.traffic.append(("up", message.metadata.message_type, weight_bytes(reply)))
         return replies
 

@@ -193,7 +193,9 @@ class GuardedRounds:
             noisy = arrays.to_torch_state_dict()
             noisy.update({name: self.reference[name] for name in self.fixed_keys if name in noisy})
             arrays = ArrayRecord(noisy)
-        self.metrics_log.write({**summary, "kept_previous_model": arrays is None, **_numbers(dict(metrics or {}))})
+        # The sites' mean metrics, then the round's own figures ("seconds": the round's wall time at
+        # the server; each site's own training time is in its line).
+        self.metrics_log.write({**_numbers(dict(metrics or {})), **summary, "kept_previous_model": arrays is None})
         return arrays, metrics
 
     def accept_secure_aggregate(self, server_round: int, aggregate: dict[str, torch.Tensor] | None,

@@ -48,13 +48,14 @@ BAD_VALUES = [
     ("finetune", "warmup_epochs", 10, "finetune.warmup_epochs: must be between 0 and epochs"),
     ("finetune", "layer_decay", 0.0, "finetune.layer_decay: must be in (0, 1]"),
     ("pretrain", "betas", [0.9], "pretrain.betas: expected a list of 2 numbers"),
+    ("federated", "checkpoint_every", 0, "federated.checkpoint_every: must be at least 1, got 0"),
 ]
 
 
 @pytest.mark.parametrize("section,key,value,words", BAD_VALUES)
 def test_bad_value_names_file_and_key(tmp_path, section, key, value, words):
     raw = tiny_raw(2)
-    raw[section][key] = value
+    raw.setdefault(section, {})[key] = value
     path = write(tmp_path, raw)
     with pytest.raises(ConfigError) as info:
         load_config(path)
@@ -155,6 +156,15 @@ def test_fedprox_is_accepted_with_either_dp_and_with_secure_aggregation(tmp_path
     raw = tiny_raw(2, data={"num_sites": 3}, federated={"strategy": "fedprox", "privacy": privacy})
     cfg = load_config(write(tmp_path, raw))
     assert (cfg.federated.strategy, cfg.federated.privacy) == ("fedprox", PrivacyConfig(**privacy))
+
+
+def test_differential_privacy_refuses_a_checkpoint_cadence_in_one_line(tmp_path):
+    # A round released but not checkpointed would be released again after a resume, uncounted.
+    path = write(tmp_path, tiny_raw(2, federated={"checkpoint_every": 2, "privacy": {"dp": "server"}}))
+    with pytest.raises(ConfigError, match=r"federated.checkpoint_every: must be 1 with differential privacy, got 2: "
+                                          r"every released round is checkpointed with the privacy ledger"):
+        load_config(path)
+    assert load_config(write(tmp_path, tiny_raw(2, federated={"checkpoint_every": 2}))).federated.checkpoint_every == 2
 
 
 @pytest.mark.parametrize("dp", ["server", "client"])

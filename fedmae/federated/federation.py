@@ -26,7 +26,7 @@ import torch
 
 from fedmae.checkpoint import load_checkpoint
 from fedmae.config import ExperimentConfig, validate_federated
-from fedmae.engine.loop import MetricsLog
+from fedmae.engine.loop import MetricsLog, due
 from fedmae.federated.global_model import GlobalCheckpoints, initial_encoder, initial_finetune_model
 from fedmae.federated.run_record import SUMMARY, open_federated_run, write_summary
 from fedmae.federated.settings import check_site_count
@@ -243,36 +243,51 @@ class FederatedRun:
         rounds = self.sites.rounds(phase, site_names=self.site_names, site_images=self.site_images, metrics_log=self.log,
                                    privacy=self.privacy)
         selection = _Selection(phase, self._best_score(phase), lambda: self.checkpoints.best(phase).exists())
+        fed = self.cfg.federated
+        released = done  # the round of ``state``
         try:
             for run_round in range(done + 1, total + 1):
                 aggregate = rounds.train(run_round, state)
-                state = aggregate if aggregate is not None else state
+                state, released = (aggregate if aggregate is not None else state), run_round
                 # Validation at every site costs a pass over its data: every eval_every-th round
                 # and the last (only validated rounds can be selected, as in fedmae.engine).
-                validated = run_round % self.cfg.federated.eval_every == 0 or run_round == total
-                evaluation = rounds.evaluate(run_round, state) if validated else {}
+                evaluation = rounds.evaluate(run_round, state) if due(run_round, fed.eval_every, total) else {}
                 self._checkpoint(phase, run_round, total, state, evaluation, selection)
         except BudgetExhausted as err:
             # The last released model stands; no further round of any phase may be trained.
             log.warning("%s: %s; stopping training rounds here", phase, err)
             self.summary.setdefault("privacy_budget_reached", {})[phase] = str(err)
+            if released > done and not due(released, fed.checkpoint_every, total):
+                # Checkpointed although not a checkpoint round, since it is this phase's result.
+                self.checkpoints.save(phase, released, state, self._round_metrics(selection))
         if rounds.kept_previous:
             self.summary.setdefault("rounds_without_update", {})[phase] = rounds.kept_previous
         return state
 
     def _checkpoint(self, phase: str, run_round: int, total: int, state: Weights, evaluation: dict[str, float],
                     selection: _Selection) -> None:
+        """The round's global checkpoint every ``federated.checkpoint_every`` rounds and after the
+        last (the sites keep their state at the same rounds, so a resumed run continues exactly);
+        the best model of fine-tuning whenever a round beats it."""
         better = selection.consider(evaluation)
-        metrics: dict[str, Any] = {"val": evaluation, "best_score": selection.best_score}
+        metrics = self._round_metrics(selection, evaluation)
         if self.privacy is not None:
-            # Saved with every round so that a resumed run keeps counting from here.
-            metrics["privacy"] = self.privacy.ledger()
             used = self.privacy.spent()
             self.log.write({"phase": phase, "round": run_round, "epsilon": used["epsilon"], "delta": used["delta"]})
             log.info("%s round %d: privacy spent epsilon=%.3f at delta=%g", phase, run_round, used["epsilon"], used["delta"])
-        self.checkpoints.save(phase, run_round, state, metrics, best=better)
+        if due(run_round, self.cfg.federated.checkpoint_every, total):
+            self.checkpoints.save(phase, run_round, state, metrics, best=better)
+        elif better:
+            self.checkpoints.save_best(phase, run_round, state, metrics)
         log.info("%s round %d/%d: validation %s", phase, run_round, total,
                  evaluation or "not this round (federated.eval_every)")
+
+    def _round_metrics(self, selection: _Selection, evaluation: dict[str, float] | None = None) -> dict[str, Any]:
+        metrics: dict[str, Any] = {"val": evaluation or {}, "best_score": selection.best_score}
+        if self.privacy is not None:
+            # Saved with every checkpoint so that a resumed run keeps counting from there.
+            metrics["privacy"] = self.privacy.ledger()
+        return metrics
 
     def _mark_resume(self, phase: str, done: int) -> None:
         """On resume, one line in rounds.jsonl: ``phase``'s records of rounds after ``done`` written

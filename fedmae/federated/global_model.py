@@ -1,8 +1,9 @@
 """The server's side in plain PyTorch: the initial global weights, and the global checkpoints.
 
-Every round's global model is written atomically with the config, phase and round number
-(``<phase>_round_NNNN.pt``, the newest ``keep`` of them) and as ``<phase>_last.pt``; a stopped
-run resumes from ``<phase>_last.pt`` with the right round numbers. Fine-tuning also keeps the
+Every ``federated.checkpoint_every``-th round's global model (and the last round's) is written
+atomically with the config, phase and round number (``<phase>_round_NNNN.pt``, the newest ``keep``
+of them) and as ``<phase>_last.pt``; a stopped run resumes from ``<phase>_last.pt`` with the right
+round numbers. Fine-tuning also keeps the
 model that scored best on the sites' validation data as ``finetune_best.pt``.
 """
 
@@ -13,7 +14,7 @@ from typing import Any
 
 import torch
 
-from fedmae.checkpoint import load_checkpoint, remove_checkpoint, save_checkpoint
+from fedmae.checkpoint import link_checkpoint, load_checkpoint, remove_checkpoint, save_checkpoint
 from fedmae.config import ExperimentConfig
 from fedmae.engine.loop import seed_everything
 from fedmae.models.factory import build_finetune_model, build_mae
@@ -58,17 +59,24 @@ class GlobalCheckpoints:
 
     def save(self, phase: str, server_round: int, state: dict[str, torch.Tensor], metrics: dict[str, Any],
              best: bool = False) -> Path:
-        """This round's global model: a per-round file (newest ``keep`` kept) and the last."""
-        kwargs = dict(kind="global", model_state=state, config=self.cfg.to_dict(), epoch=server_round, step=server_round,
-                      metrics=metrics, extra={"phase": phase, "round": server_round})
-        path = save_checkpoint(self.folder / f"{phase}_round_{server_round:04d}.pt", **kwargs)
-        save_checkpoint(self.last(phase), **kwargs)
+        """This round's global model: a per-round file (newest ``keep`` kept), the last, and the best
+        when ``best``. The weights are written once; the last and the best are links to that file."""
+        path = save_checkpoint(self.folder / f"{phase}_round_{server_round:04d}.pt", kind="global", model_state=state,
+                               config=self.cfg.to_dict(), epoch=server_round, step=server_round, metrics=metrics,
+                               extra={"phase": phase, "round": server_round})
+        link_checkpoint(path, self.last(phase))
         if best:
-            save_checkpoint(self.best(phase), **kwargs)
+            link_checkpoint(path, self.best(phase))
         if self.keep > 0:
             for old in sorted(self.folder.glob(f"{phase}_round_*.pt"))[: -self.keep]:
                 remove_checkpoint(old)
         return path
+
+    def save_best(self, phase: str, server_round: int, state: dict[str, torch.Tensor], metrics: dict[str, Any]) -> Path:
+        """Only the best model, of a round that is not checkpointed (``federated.checkpoint_every``)."""
+        return save_checkpoint(self.best(phase), kind="global", model_state=state, config=self.cfg.to_dict(),
+                               epoch=server_round, step=server_round, metrics=metrics,
+                               extra={"phase": phase, "round": server_round})
 
     def resume_point(self, phase: str) -> tuple[int, dict[str, torch.Tensor], dict[str, Any]] | None:
         """(round, global state, metrics) of the last saved round of ``phase``, if any."""

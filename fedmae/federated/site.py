@@ -5,6 +5,10 @@ Pre-training sends and receives only the encoder; the MAE decoder, the mask toke
 state and the step counter stay at the site, on its disk (``state_dir``), so they survive a
 restarted run. A round's state is saved after the round, and the last two are kept: a round that
 is repeated after a server crash starts from exactly the state it started from the first time.
+In a simulation, whose processes keep their sites live between rounds, the state is written at
+the rounds the server checkpoints (``federated.checkpoint_every``, and the last), and when the
+process drops the site from memory (``federated.live_sites``); a resumed run starts from the
+server's last checkpoint, whose round every site has on disk.
 
 Round r trains epochs (r - 1) * E ... r * E - 1 of the run (E = local epochs), seeded like the
 centralised run's epochs and on the same learning-rate schedule, so one site holding all the data
@@ -38,7 +42,7 @@ from fedmae.engine.finetune import (
     loader_metrics,
     task_loss,
 )
-from fedmae.engine.loop import seed_everything
+from fedmae.engine.loop import due, seed_everything
 from fedmae.engine.optim import build_optimizer
 from fedmae.engine.pretrain import (
     mae_loss,
@@ -66,9 +70,13 @@ class _SiteRounds:
     """Shared mechanics: a model and optimiser whose site-local state lives on disk per round."""
 
     phase: str
+    total_rounds: int
 
-    def __init__(self, cfg: ExperimentConfig, site: SiteData, state_dir: str | Path, device: str | None):
+    def __init__(self, cfg: ExperimentConfig, site: SiteData, state_dir: str | Path, device: str | None,
+                 write_every_round: bool = True):
         self.cfg, self.site = cfg, site
+        # A deployed site's ClientApp process ends after each message: what is not on disk is lost.
+        self.write_every_round = write_every_round
         self.state_dir = Path(state_dir) / site.name.replace("/", "_") / self.phase
         self.device = resolve_device(device or cfg.device)
         self.step = 0
@@ -79,6 +87,8 @@ class _SiteRounds:
         # The model and optimiser after the last round this object trained, so the next round
         # skips rebuilding and reloading them; the disk copy is what survives a restart.
         self._live: tuple[int, torch.nn.Module, torch.optim.Optimizer] | None = None
+        self._live_metrics: dict[str, Any] = {}
+        self._on_disk: int | None = None  # the round of the newest state on disk, which the live state follows
         # int8 transport: what quantisation lost of this site's last update, added to its next
         # (error feedback); kept in the round's state file, so a resumed or rebuilt site has it.
         self.carried: dict[str, torch.Tensor] | None = None
@@ -88,7 +98,8 @@ class _SiteRounds:
 
     def _start_round(self, server_round: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         """This site's model and optimiser as they were after its latest round before ``server_round``."""
-        if self._live is not None and self._live[0] == server_round - 1 and self._latest_saved(server_round) == server_round - 1:
+        # The live state is used unless the state folder changed under it (a run started over in it).
+        if self._live is not None and self._live[0] == server_round - 1 and self._latest_saved(server_round) == self._on_disk:
             return self._live[1], self._live[2]
         model, optimizer = self._build()
         self._restore(server_round, model, optimizer)
@@ -125,7 +136,7 @@ class _SiteRounds:
             if server_round > 1:
                 log.warning("site %s: no %s state of an earlier round in %s: round %d starts from the initial state",
                             self.site.name, self.phase, self.state_dir, server_round)
-            self.step, self.carried = 0, None
+            self.step, self.carried, self._on_disk = 0, None, None
             return
         latest, path = earlier[-1]
         try:
@@ -145,8 +156,20 @@ class _SiteRounds:
         optimizer.load_state_dict(payload["optimizer"])
         self.step = payload["step"]
         self.carried = payload["extra"].get("transport_carry")
+        self._on_disk = latest  # the state on disk is this object's own from here on
 
     def _save(self, server_round: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, metrics: dict) -> None:
+        """Keep the state after ``server_round`` live, and write it when it is due on disk."""
+        self._live, self._live_metrics = (server_round, model, optimizer), metrics
+        if self.write_every_round or due(server_round, self.cfg.federated.checkpoint_every, self.total_rounds):
+            self._write(server_round, model, optimizer, metrics)
+
+    def spill(self) -> None:
+        """Write the live state if it is not on disk yet (the process is about to drop this site)."""
+        if self._live is not None and self._on_disk != self._live[0]:
+            self._write(*self._live, self._live_metrics)
+
+    def _write(self, server_round: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, metrics: dict) -> None:
         save_checkpoint(
             self._state_path(server_round), kind="site", model_state=model.state_dict(), config=self.cfg.to_dict(),
             epoch=server_round, step=self.step, optimizer_state=optimizer.state_dict(), metrics=metrics,
@@ -155,7 +178,7 @@ class _SiteRounds:
         )
         for _, old in self._saved()[:-KEEP_STATES]:
             remove_checkpoint(old)
-        self._live = (server_round, model, optimizer)
+        self._on_disk = server_round
 
     def _leaving(self, state: dict[str, torch.Tensor], received: dict[str, torch.Tensor], metrics: dict[str, Any],
                  clip_to: float | None) -> dict[str, torch.Tensor]:
@@ -178,8 +201,9 @@ class SitePretraining(_SiteRounds):
     phase = "pretrain"
 
     def __init__(self, cfg: ExperimentConfig, site: SiteData, prep: Preprocessing, state_dir: str | Path,
-                 device: str | None = None):
-        super().__init__(cfg, site, state_dir, device)
+                 device: str | None = None, write_every_round: bool = True):
+        super().__init__(cfg, site, state_dir, device, write_every_round)
+        self.total_rounds = cfg.pretrain_rounds
         images = {split: site_images([site], split) for split in ("train", "val")}
         if not images["train"]:
             raise ValueError(f"site {site.name}: no training images to pre-train on")
@@ -236,8 +260,9 @@ class SiteFinetuning(_SiteRounds):
     phase = "finetune"
 
     def __init__(self, cfg: ExperimentConfig, site: SiteData, prep: Preprocessing, task: TaskSpec,
-                 state_dir: str | Path, device: str | None = None):
-        super().__init__(cfg, site, state_dir, device)
+                 state_dir: str | Path, device: str | None = None, write_every_round: bool = True):
+        super().__init__(cfg, site, state_dir, device, write_every_round)
+        self.total_rounds = cfg.finetune_rounds
         self.task, self.prep = task, prep
         labelled = label_subset(site.train, cfg.finetune.label_fraction, cfg.seed, site.name)
         self.train_loader = finetuning_loader(labelled, task, cfg, prep, self.device, self.bad_files)

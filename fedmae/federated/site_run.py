@@ -42,6 +42,9 @@ class SiteRun:
     cfg: ExperimentConfig
     cohort: Cohort  # this site's cohort (one site)
     state_dir: Path
+    # A simulation's process serves its sites for the whole run, so their state stays live between
+    # rounds; a deployed site's ClientApp process ends after each message (Flower 1.42's SuperNode).
+    stays_live: bool = False
     pretraining: SitePretraining | None = None
     finetuning: SiteFinetuning | None = None
 
@@ -51,13 +54,21 @@ class SiteRun:
 
     def pretrainer(self) -> SitePretraining:
         if self.pretraining is None:
-            self.pretraining = SitePretraining(self.cfg, self.site, self.cohort.prep, self.state_dir)
+            self.pretraining = SitePretraining(self.cfg, self.site, self.cohort.prep, self.state_dir,
+                                               write_every_round=not self.stays_live)
         return self.pretraining
 
     def finetuner(self) -> SiteFinetuning:
         if self.finetuning is None:
-            self.finetuning = SiteFinetuning(self.cfg, self.site, self.cohort.prep, self.cohort.task, self.state_dir)
+            self.finetuning = SiteFinetuning(self.cfg, self.site, self.cohort.prep, self.cohort.task, self.state_dir,
+                                             write_every_round=not self.stays_live)
         return self.finetuning
+
+    def spill(self) -> None:
+        """Write whatever live state is not on disk yet: this process is dropping the site."""
+        for rounds in (self.pretraining, self.finetuning):
+            if rounds is not None:
+                rounds.spill()
 
     def describe(self) -> tuple[dict[str, float], dict[str, str]]:
         """The site's task outputs and size (no weights), and its class names."""
@@ -112,8 +123,8 @@ class SiteRun:
 
 # The sites this process keeps live (model, optimiser, loaders), least recently used first. A
 # simulation process serves many virtual sites; past federated.live_sites the oldest is dropped,
-# which costs only a rebuild: its state after every round is on disk, and a rebuilt site restores
-# it exactly, so memory stays bounded however many sites there are.
+# which costs only a rebuild: its latest state is written to disk as it is dropped, and a rebuilt
+# site restores it exactly, so memory stays bounded however many sites there are.
 _RUNS: OrderedDict[tuple, SiteRun] = OrderedDict()
 _COHORTS: dict[tuple, Cohort] = {}
 
@@ -132,7 +143,7 @@ def site_run(run_id: int, request: Mapping[str, Any], node_config: Mapping[str, 
     cfg = config_from_dict(json.loads(str(request["experiment"])), source="the server's experiment")
     _RUNS[key] = _new_site_run(run_id, site_config(cfg, node), Path(str(request["output-dir"])), node)
     while len(_RUNS) > cfg.federated.live_sites:
-        _RUNS.popitem(last=False)
+        _RUNS.popitem(last=False)[1].spill()
     return _RUNS[key]
 
 
@@ -163,7 +174,8 @@ def _new_site_run(run_id: int, cfg: ExperimentConfig, out: Path, node: dict[str,
         state_dir = base / f"{cfg.name}-{hashlib.sha256(str(out).encode()).hexdigest()[:10]}"
     else:
         state_dir = out / "sites"
-    return SiteRun(name=site.name, cfg=cfg, cohort=dataclasses.replace(cohort, sites=[site]), state_dir=state_dir)
+    return SiteRun(name=site.name, cfg=cfg, cohort=dataclasses.replace(cohort, sites=[site]), state_dir=state_dir,
+                   stays_live="partition-id" in node)
 
 
 def _cohort(cfg: ExperimentConfig, run_id: int) -> Cohort:
