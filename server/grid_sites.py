@@ -22,6 +22,7 @@ from fedmae.config import ExperimentConfig
 from fedmae.engine.loop import MetricsLog
 from fedmae.federated.federation import BudgetExhausted, PrivacyLedger, SiteReply, Weights
 from fedmae.federated.global_model import frozen_keys
+from fedmae.federated.settings import VALIDATE_ROUND
 from fedmae.federated.updates import to_wire
 from server.privacy import Accountant
 from server.secure_aggregation import secure_round
@@ -75,21 +76,26 @@ class GridRounds:
                                        metrics_log=metrics_log, site_names=site_names,
                                        evaluate_extra={"split": "val"} if phase == "finetune" else {}, fixed_keys=fixed)
         self.timeout = cfg.federated.round_timeout
+        # SecAgg+ rounds are Flower's protocol stages, and with fraction_train < 1 only some sites train.
+        fed = cfg.federated
+        self.validates_while_training = not fed.privacy.secure_aggregation and fed.fraction_train == 1.0
 
     @property
     def kept_previous(self) -> list[int]:
         return self.strategy.kept_previous
 
-    def train(self, run_round: int, weights: Weights) -> Weights | None:
+    def train(self, run_round: int, weights: Weights, validate: bool = False) -> tuple[Weights | None, dict[str, float]]:
         if self.sites.cfg.federated.privacy.secure_aggregation:
-            return self._train_securely(run_round, weights)
+            return self._train_securely(run_round, weights), {}
         grid = self.sites.grid
+        request = self.sites.request(**({VALIDATE_ROUND: run_round - 1} if validate else {}))
         try:
-            messages = self.strategy.configure_train(run_round, ArrayRecord(weights), self.sites.request(), grid)
+            messages = self.strategy.configure_train(run_round, ArrayRecord(weights), request, grid)
             aggregate, _ = self.strategy.aggregate_train(run_round, grid.send_and_receive(messages, timeout=self.timeout))
         except PrivacyBudgetExhausted as err:
             raise BudgetExhausted(str(err)) from None
-        return None if aggregate is None else aggregate.to_torch_state_dict()
+        validation = self.strategy.received_validation if validate else {}
+        return (None if aggregate is None else aggregate.to_torch_state_dict()), validation
 
     def evaluate(self, run_round: int, weights: Weights) -> dict[str, float]:
         grid = self.sites.grid

@@ -52,6 +52,7 @@ from flwr.serverapp.strategy.dp_fixed_clipping import DifferentialPrivacyFixedCl
 
 from fedmae.config import ExperimentConfig, sites_needed
 from fedmae.engine.loop import MetricsLog
+from fedmae.federated.settings import VALIDATE_ROUND
 from fedmae.federated.updates import to_wire, update_from_wire, update_norm, update_problem
 from fedmae.metrics import weighted_mean
 from server.adaptive_clipping import ADAPTIVE_WRAPPERS, AccountedAdaptiveClipping, adaptive_wrapper_args
@@ -64,6 +65,7 @@ STRATEGIES = {"fedavg": FedAvg, "fedprox": FedProx, "fedavgm": FedAvgM, "fedadam
 DP_WRAPPERS = {"server": DifferentialPrivacyServerSideFixedClipping, "client": DifferentialPrivacyClientSideFixedClipping}
 # Under DP every site counts once: FedAvg weights by this key, which the server sets to 1.
 EQUAL_WEIGHT = "dp-equal-weight"
+# In a training reply: the round whose weights the site validated before training (pre-training).
 
 
 class GuardedRounds:
@@ -81,6 +83,8 @@ class GuardedRounds:
         self.requests: list[Message] = []  # this round's messages; the Grid sets their ids when it sends them
         self.round_started = 0.0
         self.kept_previous: list[int] = []
+        self.validating: int | None = None  # the round whose weights this training round's sites validate
+        self.received_validation: dict[str, float] = {}  # their validation
 
     @property
     def private(self) -> bool:
@@ -94,6 +98,7 @@ class GuardedRounds:
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         config["round"] = server_round
         config["phase"] = self.phase
+        self.validating = int(config[VALIDATE_ROUND]) if VALIDATE_ROUND in config else None
         self.reference = arrays.to_torch_state_dict()
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self.sampled = [m.metadata.dst_node_id for m in messages]
@@ -137,6 +142,7 @@ class GuardedRounds:
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         key, weight_key = self.averaging.arrayrecord_key, self.averaging.weighted_by_key
+        self.received_validation = self._validation_of_sent_weights(replies)
         usable: list[Message] = []
         answered = set()
         for message in replies:
@@ -197,6 +203,28 @@ class GuardedRounds:
         # the server; each site's own training time is in its line).
         self.metrics_log.write({**_numbers(dict(metrics or {})), **summary, "kept_previous_model": arrays is None})
         return arrays, metrics
+
+    def _validation_of_sent_weights(self, replies: list[Message]) -> dict[str, float]:
+        """Sites asked to validate the weights of a training round (config ``validate-round``)
+        reply with ``val_loss`` and ``val-examples`` beside their training metrics: taken out
+        here (so the strategy does not average them as training metrics), logged per site under
+        the round they validate (a site that failed, as a failed evaluation), and averaged by
+        validation examples."""
+        if self.validating is None:
+            return {}
+        per_site = {}
+        for message in replies:
+            if message.has_error():
+                self._record(self.validating, self.site_names.get(self._node_of(message), "?"), "evaluation failed",
+                             reason=message.error.reason)
+                continue
+            metrics = message.content["metrics"]
+            if "val-examples" in metrics:
+                per_site[str(message.content["site"]["name"])] = {
+                    "val_loss": float(metrics.pop("val_loss")), "num-examples": float(metrics.pop("val-examples"))}
+        for site, evaluation in sorted(per_site.items()):
+            self.metrics_log.write({"phase": self.phase, "round": self.validating, "site": site, "evaluation": evaluation})
+        return weighted_mean(per_site.values()) if per_site else {}
 
     def accept_secure_aggregate(self, server_round: int, aggregate: dict[str, torch.Tensor] | None,
                                 per_site: dict[int, dict[str, Any]], failures: list[str]) -> dict[str, torch.Tensor] | None:

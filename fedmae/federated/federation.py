@@ -65,9 +65,14 @@ class PhaseRounds(Protocol):
     """The rounds of one phase (``pretrain`` or ``finetune``) with its strategy."""
 
     kept_previous: list[int]  # rounds whose updates were unusable, so the previous model was kept
+    # Whether a training round's messages can also carry the validation of the weights they send
+    # (every site takes part in every round): one message exchange a round instead of two.
+    validates_while_training: bool
 
-    def train(self, run_round: int, weights: Weights) -> Weights | None:
-        """Train one round from ``weights``; the aggregate, or None when the previous model is kept.
+    def train(self, run_round: int, weights: Weights, validate: bool = False) -> tuple[Weights | None, dict[str, float]]:
+        """Train one round from ``weights``: the aggregate, or None when the previous model is kept;
+        and, with ``validate``, the sites' validation metrics of ``weights`` themselves (the model
+        of round ``run_round - 1``), taken before they train (example-weighted mean).
         Raises :class:`BudgetExhausted` when the privacy budget allows no further round."""
 
     def evaluate(self, run_round: int, weights: Weights) -> dict[str, float]:
@@ -245,24 +250,55 @@ class FederatedRun:
         selection = _Selection(phase, self._best_score(phase), lambda: self.checkpoints.best(phase).exists())
         fed = self.cfg.federated
         released = done  # the round of ``state``
+        # Pre-training selects nothing on its validation: a round's validation can ride on the next
+        # round's training messages (the sites validate the weights they receive, with their
+        # decoders of that round, before training), which saves a message exchange per validated
+        # round. Fine-tuning validates at once, since it selects its model on the result.
+        riding = phase == "pretrain" and rounds.validates_while_training
+        pending = done if riding and done and due(done, fed.eval_every, total) and not self._validated(phase, done) else None
         try:
             for run_round in range(done + 1, total + 1):
-                aggregate = rounds.train(run_round, state)
+                aggregate, validation = rounds.train(run_round, state, validate=pending is not None)
+                if pending is not None:
+                    self._log_validation(phase, pending, total, validation, riding=True)
+                    pending = None
                 state, released = (aggregate if aggregate is not None else state), run_round
+                evaluation: dict[str, float] = {}
                 # Validation at every site costs a pass over its data: every eval_every-th round
                 # and the last (only validated rounds can be selected, as in fedmae.engine).
-                evaluation = rounds.evaluate(run_round, state) if due(run_round, fed.eval_every, total) else {}
+                if due(run_round, fed.eval_every, total):
+                    if riding and run_round < total:
+                        pending = run_round
+                    else:
+                        evaluation = rounds.evaluate(run_round, state)
+                        self._log_validation(phase, run_round, total, evaluation)
                 self._checkpoint(phase, run_round, total, state, evaluation, selection)
+                if not evaluation:
+                    log.info("%s round %d/%d: done; %s", phase, run_round, total,
+                             "validated with the next round's training" if pending == run_round
+                             else "not validated this round (federated.eval_every)")
         except BudgetExhausted as err:
             # The last released model stands; no further round of any phase may be trained.
             log.warning("%s: %s; stopping training rounds here", phase, err)
             self.summary.setdefault("privacy_budget_reached", {})[phase] = str(err)
+            if pending is not None:  # its validation was to go out with the round that is not trained
+                self._log_validation(phase, pending, total, rounds.evaluate(pending, state))
             if released > done and not due(released, fed.checkpoint_every, total):
                 # Checkpointed although not a checkpoint round, since it is this phase's result.
                 self.checkpoints.save(phase, released, state, self._round_metrics(selection))
         if rounds.kept_previous:
             self.summary.setdefault("rounds_without_update", {})[phase] = rounds.kept_previous
         return state
+
+    def _log_validation(self, phase: str, run_round: int, total: int, evaluation: dict[str, float],
+                        riding: bool = False) -> None:
+        log.info("%s round %d/%d: validation %s%s", phase, run_round, total, evaluation,
+                 f" (taken with round {run_round + 1}'s training)" if riding else "")
+
+    def _validated(self, phase: str, run_round: int) -> bool:
+        """Whether the sites' validation of ``run_round`` is in the log (a resumed run validates the
+        checkpointed round with its first training round if it was not)."""
+        return any(r.get("phase") == phase and r.get("round") == run_round and "evaluation" in r for r in self.log.read())
 
     def _checkpoint(self, phase: str, run_round: int, total: int, state: Weights, evaluation: dict[str, float],
                     selection: _Selection) -> None:
@@ -279,8 +315,6 @@ class FederatedRun:
             self.checkpoints.save(phase, run_round, state, metrics, best=better)
         elif better:
             self.checkpoints.save_best(phase, run_round, state, metrics)
-        log.info("%s round %d/%d: validation %s", phase, run_round, total,
-                 evaluation or "not this round (federated.eval_every)")
 
     def _round_metrics(self, selection: _Selection, evaluation: dict[str, float] | None = None) -> dict[str, Any]:
         metrics: dict[str, Any] = {"val": evaluation or {}, "best_score": selection.best_score}

@@ -22,6 +22,10 @@ from typing import Any
 from fedmae.config import ExperimentConfig, load_config, sites_needed
 
 APP_DIR = Path(__file__).resolve().parents[2]
+# A pre-training request's ``validate-round``: validate the weights received (the global model
+# of that round) before training; the training reply then also carries ``val_loss`` and
+# ``val-examples``.
+VALIDATE_ROUND = "validate-round"
 
 
 def experiment_config(run_config: Mapping[str, Any]) -> ExperimentConfig:

@@ -27,12 +27,15 @@ import torch
 
 from fedmae.config import ExperimentConfig, FederatedConfig
 from fedmae.engine.runs import check_output_dir, claim_output_dir, read_marker
+from fedmae.federated.run_record import SUMMARY
 from fedmae.federated.settings import APP_DIR, check_site_count
 from fedmae.federated.watchdog import descendants, parent_death_signal, stop_pids
 
 log = logging.getLogger(__name__)
 
 STARTUP_TIMEOUT = 60.0
+POLL_SECONDS = 0.2  # how often the run's record is looked at while Flower runs it
+LAST_LINES_SECONDS = 1.0  # after the run ended, for Flower's log stream to deliver its last lines
 
 
 def client_resources(num_sites: int, cpus: int | None = None, fed: FederatedConfig | None = None,
@@ -88,6 +91,7 @@ def simulate(cfg: ExperimentConfig, num_sites: int, output_dir: Path, resume: bo
     experiment = output_dir.absolute() / "config.yaml"
     if not (APP_DIR / "pyproject.toml").is_file():
         raise FileNotFoundError(f"{APP_DIR}: the fedmae app (pyproject.toml) is not here; run from a source checkout")
+    started = time.time_ns()
     home = Path(tempfile.mkdtemp(prefix="fedmae-flwr-"))
     http_port, control_port = free_port(), free_port()
     resources = client_resources(num_sites, cpus, cfg.federated)
@@ -134,8 +138,9 @@ def simulate(cfg: ExperimentConfig, num_sites: int, output_dir: Path, resume: bo
                  output_dir / "superlink.log")
         command = [flower_tool("flwr"), "run", str(APP_DIR), "fedmae-simulation", "--stream", "--run-config", run_config]
         # `flwr run` is this process's own child (same session): the kernel ends it with this process.
-        return subprocess.run(command, env=env, stdout=stream, stderr=subprocess.STDOUT if stream else None,
-                              preexec_fn=parent_death_signal()).returncode
+        flwr_run = subprocess.Popen(command, env=env, stdout=stream, stderr=subprocess.STDOUT if stream else None,
+                                    preexec_fn=parent_death_signal())
+        return _wait_for_run(flwr_run, output_dir / SUMMARY, started)
     finally:
         stop_process_tree(superlink)
         superlink_log.close()
@@ -144,6 +149,41 @@ def simulate(cfg: ExperimentConfig, num_sites: int, output_dir: Path, resume: bo
             watchdog.kill()  # it holds nothing to clean up, and must not keep this process waiting
             watchdog.wait()
         signal.signal(signal.SIGTERM, previous_handler)
+
+
+def _wait_for_run(flwr_run: subprocess.Popen, summary: Path, started_ns: int) -> int:
+    """Wait for ``flwr run`` to exit, or for the run to end: once the ServerApp has recorded the
+    run as done or failed (``summary.json``, written after every output), Flower's own shut-down
+    (the simulation engine, Ray, the log stream; ~4 s here) produces nothing the run needs, so it
+    is cut short after a moment for the last log lines, and the caller stops what is left."""
+    ended = None
+    while True:
+        try:
+            return flwr_run.wait(timeout=POLL_SECONDS)
+        except subprocess.TimeoutExpired:
+            pass
+        if ended is None and _recorded_end(summary, started_ns):
+            ended = time.monotonic()
+        if ended is not None and time.monotonic() - ended >= LAST_LINES_SECONDS:
+            log.info("the run has ended; stopping Flower's simulation without waiting for its own shut-down")
+            flwr_run.terminate()
+            try:
+                flwr_run.wait(timeout=5.0)
+            except subprocess.TimeoutExpired:
+                flwr_run.kill()
+                flwr_run.wait()
+            return 0  # what the run did is in summary.json, which the caller reads
+
+
+def _recorded_end(summary: Path, started_ns: int) -> bool:
+    """Whether this run's ServerApp recorded it as done or failed (a summary from before this
+    simulation started, e.g. of the run being resumed, does not count)."""
+    try:
+        if summary.stat().st_mtime_ns < started_ns:
+            return False
+        return json.loads(summary.read_text()).get("status") in ("done", "failed")
+    except (OSError, ValueError):  # not written yet
+        return False
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:

@@ -103,6 +103,8 @@ class _SiteRounds:
             return self._live[1], self._live[2]
         model, optimizer = self._build()
         self._restore(server_round, model, optimizer)
+        # Live from here: a round's validation and its training (one message) build it once.
+        self._live = (self._on_disk or 0, model, optimizer)
         return model, optimizer
 
     def _latest_saved(self, before: int) -> int | None:

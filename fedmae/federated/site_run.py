@@ -24,7 +24,7 @@ import torch
 from fedmae.config import ExperimentConfig, config_from_dict
 from fedmae.data.cohort import Cohort, load_cohort
 from fedmae.data.splits import SiteData
-from fedmae.federated.settings import site_config
+from fedmae.federated.settings import VALIDATE_ROUND, site_config
 from fedmae.federated.site import SiteFinetuning, SitePretraining
 from fedmae.metrics import Metrics
 
@@ -87,8 +87,16 @@ class SiteRun:
             # Adaptive clipping: the server sends this round's norm (under Flower's key); fixed: the configured one.
             clip_to = float(request.get(CLIPPING_NORM_KEY, fed.privacy.clipping_norm))
         if phase == "pretrain":
+            validation = {}
+            if VALIDATE_ROUND in request:
+                # The server's weights are its model of the previous round: validated here first, with
+                # this site's decoder of that round (what a separate evaluate request would do),
+                # so the round needs one message exchange instead of two.
+                result = self.pretrainer().evaluate(received, int(request[VALIDATE_ROUND]))
+                validation = {"val_loss": result["val_loss"], "val-examples": result["num-examples"]}
             mu = fed.proximal_mu if fed.strategy == "fedprox" else 0.0
             state, metrics = self.pretrainer().train_round(received, server_round, proximal_mu=mu, clip_to=clip_to)
+            metrics.update(validation)
         elif phase == "finetune":
             state, metrics = self.finetuner().train_round(received, server_round, clip_to=clip_to)
         else:

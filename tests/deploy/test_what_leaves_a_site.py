@@ -76,7 +76,7 @@ def assert_weights_and_scalars_only(reply, secrets: set[str], model_keys: set[st
 @pytest.mark.parametrize("finetune", ["federated", "local"])
 def test_every_message_a_site_sends_holds_only_weights_and_scalar_metrics(tmp_path, finetune):
     replies, secrets, model_keys, sites = run_and_watch(tmp_path, 2, {"finetune": finetune})
-    assert len(replies) > 10
+    assert len(replies) >= 10  # describe, training (with validation), evaluation, fine-tuning, from each site
     for reply in replies:
         assert not reply.has_error(), reply.error.reason
         assert_weights_and_scalars_only(reply, secrets, model_keys, sites)

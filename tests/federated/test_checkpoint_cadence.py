@@ -46,10 +46,10 @@ def test_a_run_stopped_between_checkpoints_resumes_from_the_last_one_exactly(tmp
     grid, stopped = setup_run(tmp_path / "stopped", **cadence(2))
     original = GridRounds.train
 
-    def crash_in_round_4(self, run_round, weights):
+    def crash_in_round_4(self, run_round, weights, **kwargs):
         if run_round == 4:
             raise KeyboardInterrupt  # the whole simulation stops: server and sites
-        return original(self, run_round, weights)
+        return original(self, run_round, weights, **kwargs)
 
     monkeypatch.setattr(GridRounds, "train", crash_in_round_4)
     with pytest.raises(KeyboardInterrupt):

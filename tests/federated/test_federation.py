@@ -27,7 +27,9 @@ class ScriptedRounds:
     def __init__(self, sites: ScriptedSites, phase: str):
         self.sites, self.phase, self.kept_previous = sites, phase, []
 
-    def train(self, run_round: int, weights: Weights) -> Weights | None:
+    validates_while_training = False
+
+    def train(self, run_round: int, weights: Weights, validate: bool = False) -> tuple[Weights | None, dict[str, float]]:
         script = self.sites.script.get(self.phase, {})
         self.sites.trained.append((self.phase, run_round))
         if run_round in script.get("crash", ()):
@@ -36,8 +38,8 @@ class ScriptedRounds:
             raise BudgetExhausted("epsilon would exceed the budget")
         if run_round in script.get("keep", ()):
             self.kept_previous.append(run_round)
-            return None
-        return {k: v + run_round if v.is_floating_point() else v for k, v in weights.items()}
+            return None, {}
+        return {k: v + run_round if v.is_floating_point() else v for k, v in weights.items()}, {}
 
     def evaluate(self, run_round: int, weights: Weights) -> dict[str, float]:
         scores = self.sites.script.get(self.phase, {}).get("scores", {})
