@@ -182,6 +182,10 @@ class FederatedConfig:
     fraction_train: float = 1.0  # share of the sites asked to train each round
     min_sites: int = 1  # usable updates a round needs; fewer and the global model stays as it was
     eval_every: int = 1  # validate the global model at the sites every this many rounds (and after the last)
+    # Pre-training: the sites validate a round's model with the next round's training message
+    # (one message exchange a round instead of two; the last round separately). false: a separate
+    # evaluate exchange per validated round, as fine-tuning always has (it selects on the result).
+    validate_with_training: bool = True
     # Write the global checkpoint, and in a simulation each site's state (decoder, optimiser), every
     # this many rounds (and after the last): a stopped run resumes from the last one, exactly. A
     # deployed site writes its state every round: Flower starts its ClientApp afresh per message.

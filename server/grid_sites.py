@@ -78,7 +78,8 @@ class GridRounds:
         self.timeout = cfg.federated.round_timeout
         # SecAgg+ rounds are Flower's protocol stages, and with fraction_train < 1 only some sites train.
         fed = cfg.federated
-        self.validates_while_training = not fed.privacy.secure_aggregation and fed.fraction_train == 1.0
+        self.validates_while_training = (fed.validate_with_training and not fed.privacy.secure_aggregation
+                                         and fed.fraction_train == 1.0)
 
     @property
     def kept_previous(self) -> list[int]:

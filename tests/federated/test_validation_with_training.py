@@ -18,16 +18,15 @@ def validations(run_config: dict) -> dict[tuple[int, str], dict]:
     return {(r["round"], r["site"]): r["evaluation"] for r in rounds_log(run_config) if "evaluation" in r}
 
 
-def test_validation_with_the_next_training_round_gives_the_separate_figures_with_fewer_messages(tmp_path, monkeypatch):
+def test_validation_with_the_next_training_round_gives_the_separate_figures_with_fewer_messages(tmp_path):
     site_run.forget_site_runs()
     grid, riding = setup_run(tmp_path / "riding", **SECTIONS)
     run(grid, riding)
     evaluate_messages = [m for m in grid.sent if m.metadata.message_type == MessageType.EVALUATE]
 
-    monkeypatch.setattr(GridRounds, "validates_while_training", False, raising=False)
-    monkeypatch.setattr(GridRounds, "__init__", _separate(GridRounds.__init__))
     site_run.forget_site_runs()
-    grid, separate = setup_run(tmp_path / "separate", **SECTIONS)
+    grid, separate = setup_run(tmp_path / "separate", **{
+        **SECTIONS, "federated": {**SECTIONS["federated"], "validate_with_training": False}})
     run(grid, separate)
     separate_messages = [m for m in grid.sent if m.metadata.message_type == MessageType.EVALUATE]
 
@@ -40,14 +39,6 @@ def test_validation_with_the_next_training_round_gives_the_separate_figures_with
     assert len(separate_messages) - len(evaluate_messages) == 3 * 2
     training_metrics = [r for r in rounds_log(riding) if "usable" in r]
     assert not any("val_loss" in r for r in training_metrics)  # not averaged as a training metric
-
-
-def _separate(init):
-    def separate(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        self.validates_while_training = False
-
-    return separate
 
 
 def test_a_resumed_run_validates_the_checkpointed_round_if_its_validation_was_lost(tmp_path, monkeypatch):
