@@ -3,7 +3,8 @@ own data, starting from the global weights, and evaluation on its own validation
 
 Pre-training sends and receives only the encoder; the MAE decoder, the mask token, the optimiser
 state and the step counter stay at the site, on its disk (``state_dir``), so they survive a
-restarted run. A round's state is saved after the round, and the last two are kept: a round that
+restarted run. (Only those: every round starts by loading the server's weights over the rest,
+so a fine-tuning site keeps just its optimiser state and step.) A round's state is saved after the round, and the last two are kept: a round that
 is repeated after a server crash starts from exactly the state it started from the first time.
 In a simulation, whose processes keep their sites live between rounds, the state is written at
 the rounds the server checkpoints (``federated.checkpoint_every``, and the last), and when the
@@ -55,7 +56,7 @@ from fedmae.engine.pretrain import (
 from fedmae.engine.runs import Stopwatch
 from fedmae.models.factory import build_finetune_model, build_mae
 from fedmae.federated.updates import clip_update, update_to_wire
-from fedmae.models.state import encoder_entries, load_encoder_entries, load_model_state
+from fedmae.models.state import encoder_entries, load_encoder_entries, load_model_state, load_part_state, site_local_state
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,11 @@ class _SiteRounds:
         self.carried: dict[str, torch.Tensor] | None = None
 
     def _build(self) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        raise NotImplementedError
+
+    def _kept_keys(self, model: torch.nn.Module) -> set[str]:
+        """The model entries a site keeps between rounds: those the server does not send back
+        (every round starts by loading the global weights over the others)."""
         raise NotImplementedError
 
     def _start_round(self, server_round: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -154,7 +160,7 @@ class _SiteRounds:
             log.warning("site %s: %s continues from this site's state after round %d: it has none for round(s) %s "
                         "(it missed them)", self.site.name, self.phase, latest,
                         ", ".join(map(str, range(latest + 1, server_round))))
-        load_model_state(model, payload["model"], str(path))
+        load_part_state(model, payload["model"], self._kept_keys(model), str(path))
         optimizer.load_state_dict(payload["optimizer"])
         self.step = payload["step"]
         self.carried = payload["extra"].get("transport_carry")
@@ -173,7 +179,8 @@ class _SiteRounds:
 
     def _write(self, server_round: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, metrics: dict) -> None:
         save_checkpoint(
-            self._state_path(server_round), kind="site", model_state=model.state_dict(), config=self.cfg.to_dict(),
+            self._state_path(server_round), kind="site", config=self.cfg.to_dict(),
+            model_state={k: v for k, v in model.state_dict().items() if k in self._kept_keys(model)},
             epoch=server_round, step=self.step, optimizer_state=optimizer.state_dict(), metrics=metrics,
             extra={"site": self.site.name, "phase": self.phase,
                    **({"transport_carry": self.carried} if self.carried is not None else {})},
@@ -212,6 +219,9 @@ class SitePretraining(_SiteRounds):
         self.train_loader, self.val_loader = pretraining_loaders(images, cfg, prep, self.device, self.bad_files)
         self.num_examples = len(images["train"])
         self.schedule = pretrain_schedule(cfg, self.num_examples)
+
+    def _kept_keys(self, model: torch.nn.Module) -> set[str]:
+        return set(site_local_state(model.state_dict()))  # the decoder and mask token
 
     def _build(self) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         # The same seeded initialisation as the centralised run: with one site, federated and
@@ -276,6 +286,9 @@ class SiteFinetuning(_SiteRounds):
     def build_model(self) -> torch.nn.Module:
         seed_everything(self.cfg.seed)
         return build_finetune_model(self.cfg, self.task.num_outputs).to(self.device)
+
+    def _kept_keys(self, model: torch.nn.Module) -> set[str]:
+        return set()  # the whole model is exchanged: the site keeps its optimiser state only
 
     def _build(self) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         model = self.build_model()

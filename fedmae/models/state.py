@@ -77,6 +77,19 @@ def load_encoder_entries(model: nn.Module, entries: Mapping[str, torch.Tensor]) 
     load_encoder(model, {k.removeprefix(ENCODER_PREFIX): v for k, v in entries.items()})
 
 
+def load_part_state(model: nn.Module, state: Mapping[str, torch.Tensor], keys: set[str], what: str = "checkpoint") -> None:
+    """Load the entries ``keys`` of a model's state dict from ``state`` (others in ``state`` are
+    ignored), with a readable error when one is missing or mis-shaped."""
+    expected = model.state_dict()
+    missing = sorted(keys - set(state))
+    wrong_shape = [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
+                   for k in sorted(keys & set(state)) if tuple(state[k].shape) != tuple(expected[k].shape)]
+    problems = ([f"missing {_short(missing)}"] if missing else []) + ([f"wrong shape {_short(wrong_shape)}"] if wrong_shape else [])
+    if problems:
+        raise WeightMismatchError(f"{what} does not fit the model: " + "; ".join(problems))
+    model.load_state_dict({k: state[k] for k in keys}, strict=False)
+
+
 def load_model_state(model: nn.Module, state: Mapping[str, torch.Tensor], what: str = "checkpoint") -> None:
     """Load a whole model's state dict strictly, with a readable error on any mismatch."""
     check_state_fits(model, state, what)

@@ -69,6 +69,8 @@ def test_sites_train_on_their_own_data_and_everything_is_logged(tmp_path):
     # The decoder never left the sites: each keeps its own on disk.
     site_state = load_checkpoint(out / "sites" / "site-0" / "pretrain" / "round_00002.pt", expect_kind="site")
     assert any(k.startswith("decoder") for k in site_state["model"]) and site_state["optimizer"]
+    # ... and only what the server does not send back: each round starts from the global encoder.
+    assert not any(k.startswith("encoder.") for k in site_state["model"])
 
 
 def test_pretrain_messages_carry_only_the_encoder_and_half_precision_halves_them(tmp_path):
