@@ -79,6 +79,16 @@ def test_a_refused_resume_writes_nothing(tmp_path):
     assert snapshot(out) == before
 
 
+def test_a_resume_may_change_where_and_how_often_things_are_written(tmp_path):
+    # Checkpoint cadence and tracking change no weight: a resumed run may change them.
+    cfg = one_epoch_config(tmp_path)
+    out = tmp_path / "run"
+    assert run(tmp_path, "pretrain", "--config", str(cfg), "--output", str(out))[0] == 0
+    status, err = run(tmp_path, "pretrain", "--config", str(cfg), "--output", str(out), "--resume",
+                      "--set", "pretrain.checkpoint_every=5", "--set", "tracking.run_name=renamed")
+    assert status == 0, err
+
+
 def test_a_run_of_another_command_or_experiment_is_refused(tmp_path):
     cfg = one_epoch_config(tmp_path)
     out = tmp_path / "run"

@@ -27,8 +27,12 @@ log = logging.getLogger(__name__)
 
 # Settings that may change between an interrupted run and its resumption without changing the result.
 # (A comparison's arms, seeds and figure decide which runs exist, not what one computes.)
+# Settings a resumed run may change: they change where and how often things are written, logged
+# or kept in memory, never the weights.
 _RESUME_FREE_KEYS = {"output_dir", "device", "data.num_workers", "pretrain.checkpoint_every", "finetune.checkpoint_every",
-                     "compare.arms", "compare.seeds", "compare.reconstructions", "compare.parallel"}
+                     "federated.checkpoint_every", "federated.validate_with_training", "federated.live_sites",
+                     "compare.arms", "compare.seeds", "compare.reconstructions", "compare.parallel", "compare.paper",
+                     "tracking.backend", "tracking.run_name", "tracking.uri"}
 
 
 @dataclass
