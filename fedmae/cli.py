@@ -1,4 +1,4 @@
-"""The ``fedmae`` command: pretrain, finetune, evaluate, simulate, compare, demo, data inspect, pki.
+"""The ``fedmae`` command: pretrain, finetune, evaluate, simulate, compare, demo, data inspect, pki, export.
 
 Every command reads one YAML experiment file (``--config``) with ``--set key.sub=value``
 overrides. Mistakes the user can fix (config, files, checkpoints) end with one line on stderr and
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
-        if args.command in ("data", "pki"):
+        if args.command in ("data", "pki", "export"):
             return args.run(args)
         cfg = load_config(args.config, args.set)
         return args.run(cfg, args)
@@ -66,7 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = command("pretrain", _pretrain, "MAE self pre-training on the training images (no labels)")
     sub.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
     sub = command("finetune", _finetune, "fine-tune an encoder for the configured task and report test metrics")
-    sub.add_argument("--encoder", type=Path, help="pre-training checkpoint whose encoder to start from (default: random init)")
+    sub.add_argument("--encoder", type=Path, help="checkpoint whose encoder to start from (default: random init): "
+                     "fedmae's, or a foreign one (timm, facebookresearch/mae, MONAI ViT / MaskedAutoEncoderViT, "
+                     "SelfMedMAE, fedmae safetensors), its format detected or named as FORMAT:FILE")
     sub.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
     sub = command("evaluate", _evaluate, "evaluate a fine-tuned checkpoint on a split, pooled and per site",
                   output="the checkpoint's folder", writes_run=False)
@@ -111,6 +113,19 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--quick", action="store_true", help="read file headers only, not every voxel")
     inspect.add_argument("--problems", type=Path, metavar="CSV", help="also write the problems to this CSV file")
     inspect.set_defaults(run=_inspect)
+
+    export = commands.add_parser(
+        "export", help="write a checkpoint's encoder for timm or MONAI, or as safetensors, with a model card beside it",
+        description="Write the encoder of a fedmae checkpoint (pre-training or fine-tuned) as a timm VisionTransformer "
+                    "state dict (2-D), a MONAI ViT state dict (UNETR's vit), or fedmae safetensors, and a JSON model "
+                    "card beside it (<output name>.json): architecture, expected input, training data (sites and "
+                    "image counts), rounds, strategy, privacy and epsilon. See docs/interop.md.")
+    export.add_argument("checkpoint", type=Path, help="fedmae checkpoint, e.g. global/pretrain_last.pt")
+    export.add_argument("--to", required=True, choices=("timm", "monai", "safetensors"), help="the format to write")
+    export.add_argument("--output", type=Path, required=True,
+                        help="weights file: .safetensors, or .pt / .pth for a plain state dict (not for --to safetensors)")
+    export.add_argument("--force", action="store_true", help="replace an existing output and model card")
+    export.set_defaults(run=_export)
     return parser
 
 
@@ -123,20 +138,21 @@ def _output(cfg: ExperimentConfig, args: argparse.Namespace, default_leaf: str) 
 def _pretrain(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
     from fedmae.engine.pretrain import pretrain
 
-    result = pretrain(cfg, _output(cfg, args, "pretrain"), resume=args.resume, force=args.force)
+    result = pretrain(cfg, _output(cfg, args, "pretrain"), resume=args.resume, force=args.force, track=True)
     print(f"pre-training done in {result.seconds:.0f} s: val reconstruction loss {result.metrics.get('val_loss', float('nan')):.4f}")
     print(f"encoder checkpoint: {result.checkpoint}")
     return 0
 
 
 def _finetune(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
-    from fedmae.checkpoint import load_encoder_checkpoint
     from fedmae.engine.finetune import finetune
+    from fedmae.interop import import_encoder_for
 
     if args.encoder is not None:
-        load_encoder_checkpoint(args.encoder, announce=False)  # fail before any output is written
+        import_encoder_for(args.encoder, cfg, announce=False)  # fail before any output is written
     leaf = "finetune" if args.encoder else "finetune-scratch"
-    result = finetune(cfg, _output(cfg, args, leaf), encoder=args.encoder, resume=args.resume, force=args.force)
+    result = finetune(cfg, _output(cfg, args, leaf), encoder=args.encoder, resume=args.resume, force=args.force,
+                      track=True)
     _print_report(result.metrics)
     print(f"best checkpoint (selected on validation): {result.checkpoint}")
     print(f"metrics: {result.output_dir / 'test_metrics.json'}, log: {result.output_dir / 'metrics.jsonl'}")
@@ -174,8 +190,10 @@ def _simulate(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
     from fedmae.federated.run_record import RUN_OUTPUTS, check_federated_run, failure, finished_summary
     from fedmae.federated.settings import check_site_count
     from fedmae.federated.simulate import simulate
+    from fedmae.tracking import check_tracking
 
     validate_federated(cfg, args.config)
+    check_tracking(cfg)  # the ServerApp tracks, in Flower's process: a missing package is said here, first
     out = _output(cfg, args, "federated").absolute()
     resolve_device(cfg.device)
     check_federated_run(out, cfg, resume=args.resume, force=args.force)
@@ -225,6 +243,16 @@ def _pki(args: argparse.Namespace) -> int:
               f"(flower-supernode --auth-supernode-private-key {key})")
         print(f"public key {public}: give it to the coordinator, who registers it "
               f"(flwr supernode register {public} <connection>)")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from fedmae.interop import export_encoder
+
+    exported = export_encoder(args.checkpoint, args.to, args.output, force=args.force)
+    print(f"encoder: {exported.weights}")
+    print(f"model card: {exported.card}")
+    print(f"load it with: {exported.load_with}")
     return 0
 
 

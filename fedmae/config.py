@@ -43,11 +43,12 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     # Where the images come from: the built-in generator (no download), a Decathlon-style NIfTI
-    # folder, a folder of NIfTI files, the NIH ChestX-ray14 layout, or a MedMNIST .npz file.
-    source: Literal["synthetic", "decathlon", "nifti_folder", "chestxray14", "medmnist"] = "synthetic"
+    # folder, a folder of NIfTI files, a folder of DICOM series (one folder per series, under
+    # images/), the NIH ChestX-ray14 layout, or a MedMNIST .npz file.
+    source: Literal["synthetic", "decathlon", "nifti_folder", "dicom", "chestxray14", "medmnist"] = "synthetic"
     root: str | None = None  # the data set's folder (MedMNIST: the .npz file); relative to the working directory
     manifest: str | None = None  # nifti_folder: CSV/JSON of image[, label, site, patient, split]; null: match images/ with labels/
-    modality: Literal["auto", "ct", "mri", "xray", "other"] = "auto"  # picks the preprocessing; auto: from the source
+    modality: Literal["auto", "ct", "mri", "xray", "other"] = "auto"  # picks the preprocessing; auto: from the source (dicom: the Modality tag)
     num_sites: int = 3  # built-in hospitals, or simulated sites when partition is not natural
     cases_per_site: int = 60  # built-in data only
     image_size: tuple[int, ...] | None = None  # built-in images / radiographs resized to this; null: model.img_size
@@ -67,6 +68,18 @@ class DataConfig:
     flip_prob: float = 0.2  # random flip per axis, pre-training and fine-tuning (the paper: 0.2)
     rotate_prob: float = 0.0  # fine-tuning: random 90-degree rotation in the first two axes (the paper, CT: 0.2)
     intensity_prob: float = 0.0  # fine-tuning: random intensity scale and shift by 0.1 (the paper, CT: 0.1)
+    # Training crops drawn from each image per step, pre-training and fine-tuning (the paper, BTCV: 4):
+    # a step's batch is batch_size images x samples_per_volume crops, and lr = base_lr x crops / 256.
+    samples_per_volume: int = 1
+    # Segmentation fine-tuning's crops: random, or pos_neg: centred on a labelled voxel with
+    # probability pos_fraction, else on background (MONAI's RandCropByPosNegLabeld; the paper's code: 1:1).
+    # Pre-training never reads labels: its crops are always random.
+    finetune_crop: Literal["random", "pos_neg"] = "random"
+    pos_fraction: float = 0.5
+    # 2-D classification fine-tuning: RandAugment (torchvision's), this many operations per image at
+    # this magnitude on timm's 0-10 scale; 0 operations: off (the paper's ChestX-ray14 code: 2 at 9).
+    randaugment_ops: int = 0
+    randaugment_magnitude: int = 9
     cache: Literal["memory", "disk", "none"] = "memory"  # keep preprocessed files in memory, on disk (cache_dir) or neither
     cache_dir: str | None = None  # for cache: disk; shared by runs and simulated sites
     check: Literal["full", "quick"] = "full"  # before training, read every file (full) or only headers (quick)
@@ -99,16 +112,12 @@ class OptimiserConfig:
 
     epochs: int
     warmup_epochs: int
-    batch_size: int
-    base_lr: float  # lr = base_lr * batch_size / 256
+    batch_size: int  # images per step, each giving data.samples_per_volume crops
+    base_lr: float  # lr = base_lr * crops per step / 256, crops per step = batch_size * data.samples_per_volume
     min_lr: float
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
     clip_grad: float | None = 3.0  # max gradient norm; null: no clipping
-
-    @property
-    def lr(self) -> float:
-        return self.base_lr * self.batch_size / 256
 
 
 # The optimiser's fields come first in each phase (a redefined field keeps its base's place), so
@@ -219,7 +228,9 @@ class FederatedConfig:
     finetune: Literal["federated", "local", "none"] = "federated"  # after pre-training: FedAvg of the whole model, each site alone, or stop
     finetune_local_epochs: int = 1  # federated fine-tuning: epochs per round; rounds = finetune.epochs / this
     # Skip federated pre-training and fine-tune from this pre-training checkpoint's encoder
-    # (fedmae pretrain's or a global one), or from a random initialisation ("random").
+    # (fedmae pretrain's or a global one), or from a random initialisation ("random"). A foreign
+    # encoder too (timm, facebookresearch/mae, MONAI, SelfMedMAE, fedmae safetensors), its format
+    # detected or named as FORMAT:FILE (docs/interop.md).
     start_from: str | None = None
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
@@ -254,6 +265,30 @@ class CompareConfig:
     # its own process with an equal share of the cores (or its own GPU); 1: one after another, in
     # this process; auto: as many as there are GPUs, else up to one per core (at most 8).
     parallel: int | Literal["auto"] = "auto"
+    # Print the paper's published centralised figures on this data set (SelfMedMAE: no pre-training
+    # and MAE self pre-training; fedmae/comparison/published.py) beside the run's, in report.md and
+    # the printed table; none: no such table.
+    paper: Literal["none", "btcv", "brats", "chestxray14"] = "none"
+
+
+@dataclass
+class TrackingConfig:
+    # Experiment tracking, offline unless uri names a server: pre-training and fine-tuning curves,
+    # federated rounds (at the server only: sites never track), a comparison's table and figures.
+    # tensorboard: event files in the run's folder (tensorboard/); mlflow: a local store in the
+    # run's folder (mlruns/). Either needs `pip install fedmae[tracking]`.
+    backend: Literal["none", "tensorboard", "mlflow"] = "none"
+    run_name: str | None = None  # null: "<name>/<command>"; a comparison's runs: "<run name>/seed-S/<arm>/..."
+    # mlflow only: a tracking URI (sqlite:///abs/mlflow.db, http://host:5000) or a folder for a
+    # local store shared by runs (relative to the working directory); null: <run folder>/mlruns
+    uri: str | None = None
+
+
+def is_uri(text: str) -> bool:
+    """Whether ``text`` starts with a URI scheme (``sqlite:``, ``http:``), as opposed to a folder
+    (a one-letter scheme is a Windows drive)."""
+    scheme, colon, _ = text.partition(":")
+    return bool(colon) and len(scheme) > 1 and scheme[0].isalpha() and all(c.isalnum() or c in "+.-" for c in scheme)
 
 
 @dataclass
@@ -272,6 +307,7 @@ class ExperimentConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     federated: FederatedConfig = field(default_factory=FederatedConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     # ---- derived values: computed here only ----
     @property
@@ -313,12 +349,23 @@ class ExperimentConfig:
         return self.task.type == "classification"
 
     @property
+    def pretrain_crops_per_step(self) -> int:
+        """What a pre-training step averages its loss over: batch_size images x
+        data.samples_per_volume crops of each. An epoch is ceil(images / batch_size) steps."""
+        return self.pretrain.batch_size * self.data.samples_per_volume
+
+    @property
+    def finetune_crops_per_step(self) -> int:
+        return self.finetune.batch_size * self.data.samples_per_volume
+
+    @property
     def pretrain_lr(self) -> float:
-        return self.pretrain.lr
+        """MAE's rule, lr = base_lr x batch / 256, with the batch counted in crops."""
+        return self.pretrain.base_lr * self.pretrain_crops_per_step / 256
 
     @property
     def finetune_lr(self) -> float:
-        return self.finetune.lr
+        return self.finetune.base_lr * self.finetune_crops_per_step / 256
 
     @property
     def pretrain_rounds(self) -> int:
@@ -376,10 +423,15 @@ PATH_KEYS = ("root", "manifest", "split_file", "cache_dir")
 
 
 def _absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
-    """Data paths relative to the working directory become absolute, so runs started elsewhere
-    (simulated sites, a resumed run) read the same files."""
+    """Data paths (and an MLflow store's folder) relative to the working directory become absolute,
+    so runs started elsewhere (simulated sites, the ServerApp, a resumed run) use the same files."""
     paths = {k: str(Path(v).expanduser().absolute()) for k in PATH_KEYS if (v := getattr(cfg.data, k)) is not None}
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **paths))
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **paths))
+    uri = cfg.tracking.uri
+    if uri is not None and not is_uri(uri):  # a folder for a local MLflow store; the ServerApp runs elsewhere
+        folder = str(Path(uri).expanduser().absolute())
+        cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, uri=folder))
+    return cfg
 
 
 
@@ -413,6 +465,7 @@ def validate(cfg: ExperimentConfig, source: Source | str) -> None:
     _check_privacy(cfg.federated, src)
     _check_compare(cfg.compare, src)
     _check_device(cfg.device, src)
+    _check_tracking(cfg.tracking, src)
 
 
 def _check_model(cfg: ExperimentConfig, src: Source) -> None:
@@ -515,9 +568,24 @@ def _check_data(cfg: ExperimentConfig, src: Source) -> None:
         fail("data.spacing", f"needs {dims} positive voxel sizes in mm, got {list(d.spacing)}")
     if not d.window[0] < d.window[1]:
         fail("data.window", f"needs [low, high] with low < high, got {list(d.window)}")
-    for key in ("flip_prob", "rotate_prob", "intensity_prob"):
+    for key in ("flip_prob", "rotate_prob", "intensity_prob", "pos_fraction"):
         if not 0.0 <= getattr(d, key) <= 1.0:
             fail(f"data.{key}", f"must be in [0, 1], got {getattr(d, key)}")
+    if d.samples_per_volume < 1:
+        fail("data.samples_per_volume", f"must be at least 1, got {d.samples_per_volume}")
+    if d.finetune_crop == "pos_neg" and cfg.task.type != "segmentation":
+        fail("data.finetune_crop", f"pos_neg centres crops on segmentation labels; task.type is {cfg.task.type}, "
+             "so use random", "task.type")
+    if d.randaugment_ops < 0:
+        fail("data.randaugment_ops", f"must be 0 (off) or more, got {d.randaugment_ops}")
+    if not 0 <= d.randaugment_magnitude <= 10:
+        fail("data.randaugment_magnitude", f"must be in 0..10 (timm's scale), got {d.randaugment_magnitude}")
+    if d.randaugment_ops and (dims != 2 or cfg.task.type != "classification"):
+        fail("data.randaugment_ops", f"RandAugment is for 2-D classification (its geometric operations would not move "
+             f"a segmentation label); this is {dims}D {cfg.task.type}, so set it to 0", "task.type")
+    if d.randaugment_ops and m.in_channels not in (1, 3):
+        fail("data.randaugment_ops", f"RandAugment needs grey or RGB images (model.in_channels 1 or 3), got "
+             f"{m.in_channels} channels", "model.in_channels")
     if d.cache == "disk" and d.cache_dir is None:
         fail("data.cache_dir", "cache: disk needs a folder for the preprocessed files")
     if d.num_workers != "auto" and d.num_workers < 0:
@@ -611,8 +679,12 @@ def _check_federated(fed: FederatedConfig, src: Source) -> None:
         fail("federated.krum_select", f"must be at least 1, got {fed.krum_select}")
     if fed.proximal_mu < 0 or not 0.0 <= fed.server_momentum < 1.0:
         fail("federated.proximal_mu", "proximal_mu must be non-negative and server_momentum in [0, 1)")
-    if fed.start_from not in (None, "random") and not Path(fed.start_from).expanduser().is_file():
-        fail("federated.start_from", f"needs 'random' or a pre-training checkpoint; {fed.start_from} is not a file")
+    if fed.start_from not in (None, "random"):
+        from fedmae.interop.formats import split_encoder_spec  # no torch: a config error stays quick
+
+        if not split_encoder_spec(fed.start_from)[1].is_file():
+            fail("federated.start_from", f"needs 'random' or a pre-training checkpoint (fedmae's, or a foreign encoder "
+                 f"as [FORMAT:]FILE, docs/interop.md); {fed.start_from} is not a file")
     if fed.start_from is not None and fed.finetune == "none":
         fail("federated.start_from", "skips pre-training, so federated.finetune must be federated or local")
 
@@ -689,6 +761,19 @@ def _check_compare(c: CompareConfig, src: Source) -> None:
 def _check_device(device: str, src: Source) -> None:
     if device != "auto" and device != "cpu" and not device.startswith("cuda"):
         src.fail("device", f"must be auto, cpu, cuda or cuda:N, got {device!r}")
+
+
+def _check_tracking(t: TrackingConfig, src: Source) -> None:
+    """The settings only; whether the backend's package is installed is checked where a run
+    starts tracking (fedmae.tracking), since sites never track and need not have it."""
+    if t.run_name is not None and not t.run_name.strip():
+        src.fail("tracking.run_name", "must not be empty; null names the run <name>/<command>")
+    if t.uri is not None:
+        if not t.uri.strip():
+            src.fail("tracking.uri", "must not be empty; null keeps the store in the run's folder (mlruns/)")
+        if t.backend == "tensorboard":
+            src.fail("tracking.uri", "is read by the mlflow backend only; tensorboard writes into each run's folder "
+                     "(tensorboard/): remove tracking.uri", "tracking.backend")
 
 
 def validate_federated(cfg: ExperimentConfig, source: str | Path | None = None, *, pretrain: bool | None = None,

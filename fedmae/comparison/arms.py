@@ -57,7 +57,7 @@ def centralised(cfg: ExperimentConfig, cohort: Cohort, folder: Path, progress: P
         if "val_loss" in record:
             progress(f"pre-training epoch {epoch}/{epochs}: val loss {record['val_loss']:.4f}")
 
-    result = pretrain(cfg, folder / "pretrain", resume=True, cohort=cohort, on_epoch_end=on_epoch)
+    result = pretrain(cfg, folder / "pretrain", resume=True, cohort=cohort, on_epoch_end=on_epoch, track=True)
     return Pretrained(_curve(folder / "pretrain"), result.seconds)
 
 
@@ -70,7 +70,7 @@ def local_site(cfg: ExperimentConfig, cohort: Cohort, site_name: str, folder: Pa
             progress(f"{site_name} pre-training alone, epoch {epoch}/{epochs}: val loss {record['val_loss']:.4f}")
 
     run = folder / "pretrain" / site_name
-    result = pretrain(cfg, run, resume=True, cohort=single_site(cohort, site_name), on_epoch_end=on_epoch)
+    result = pretrain(cfg, run, resume=True, cohort=single_site(cohort, site_name), on_epoch_end=on_epoch, track=True)
     return Pretrained(_curve(run), result.seconds)
 
 

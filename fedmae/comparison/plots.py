@@ -76,7 +76,7 @@ def reconstruction_figure(cfg: ExperimentConfig, cohort, seed_dir: Path, path: P
     from fedmae.checkpoint import load_checkpoint
     from fedmae.data.datasets import pretraining_dataset
     from fedmae.models.factory import build_mae
-    from fedmae.models.state import encoder_state, load_encoder, load_model_state
+    from fedmae.models.state import encoder_state, load_encoder, load_model_state, load_part_state, site_local_state
 
     count = cfg.compare.reconstructions
     federated_run = seed_dir / "federated" / "flower"
@@ -106,7 +106,8 @@ def reconstruction_figure(cfg: ExperimentConfig, cohort, seed_dir: Path, path: P
                 site_states[site_name] = load_checkpoint(saved[-1], expect_kind="site")["model"] if saved else None
             if site_states[site_name] is None:
                 continue
-            load_model_state(model, site_states[site_name], f"{site_name}'s MAE")
+            kept = set(site_local_state(model.state_dict()))  # a site keeps its decoder and mask token only
+            load_part_state(model, site_states[site_name], kept, f"{site_name}'s MAE")
             load_encoder(model, encoder)
         image = pretraining_dataset([case.image], cfg, cohort.prep, train=False)[0]["image"]
         panels += reconstruction_panels(model, [(f"{site_name} {case.case_id}", torch.as_tensor(image))], cfg.seed)

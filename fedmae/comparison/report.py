@@ -5,6 +5,7 @@ reading generated from the numbers, and plots."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import math
 import statistics
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmae.comparison.arms import ARM_TITLES
+from fedmae.comparison.published import PAPER_ARMS, PUBLISHED, SOURCE
 from fedmae.config import ExperimentConfig
 from fedmae.files import atomic_write_json, atomic_write_text
 from fedmae.metrics import finite_or_null, format_table, format_value
@@ -42,7 +44,7 @@ def summarise(results: list[dict[str, Any]], cfg: ExperimentConfig) -> dict[str,
         entry["total_seconds"] = _stats([r["seconds"]["total"] for r in runs])
         summary[arm] = entry
     return {"main": main, "finetune": cfg.compare.finetune, "seeds": list(cfg.compare.seeds), "sites": sites,
-            "arms": summary, "paired": paired_differences(results, main)}
+            "arms": summary, "paired": paired_differences(results, main), "paper": _published(cfg.compare.paper)}
 
 
 def paired_differences(results: list[dict[str, Any]], main: str) -> dict[str, dict[str, Any]]:
@@ -97,9 +99,40 @@ def write_report(out: Path, results: list[dict[str, Any]], cfg: ExperimentConfig
 
 
 def tables(summary: dict[str, Any]) -> str:
-    """The main table, then (when two arms can be paired) the paired differences: what the report
-    and the command's output show."""
-    return main_table(summary) + (f"\n\n{paired_table(summary)}" if summary["paired"] else "")
+    """The main table, then (when two arms can be paired) the paired differences, then (with
+    compare.paper) the paper's figures beside the run's: what the report and the command's output show."""
+    text = main_table(summary) + (f"\n\n{paired_table(summary)}" if summary["paired"] else "")
+    return text + (f"\n\n{paper_table(summary)}" if summary.get("paper") else "")
+
+
+def _published(paper: str) -> dict[str, Any] | None:
+    if paper == "none":
+        return None
+    return {"data": paper, **dataclasses.asdict(PUBLISHED[paper]), "source": SOURCE}
+
+
+def paper_table(summary: dict[str, Any]) -> str:
+    """Markdown: the paper's centralised figures (from scratch, after MAE self pre-training, the
+    gain) beside this run's none and centralised arms (pooled test metric, mean +- std over seeds),
+    then where the paper's figures come from."""
+    figures, main, arms = PUBLISHED[summary["paper"]["data"]], summary["main"], summary["arms"]
+    scratch, mae = (arms[arm][POOLED][main] if arm in arms else {} for arm in PAPER_ARMS)
+    gain = summary["paired"].get("centralised-none")
+    run_gain = "n/a" if gain is None else _signed(gain)
+    if gain is not None and scratch.get("mean"):
+        run_gain += f" ({gain['mean'] / scratch['mean']:+.1%})"
+    rows = [["no pre-training", _figure(figures.scratch), cell(scratch)],
+            ["MAE self pre-training (centralised)", _figure(figures.mae), cell(mae)],
+            ["gain", figures.gain_text(), run_gain]]
+    table = format_table([f"the paper's figures, {figures.title} (test {main})", "published", "this run"], rows,
+                         markdown=True)
+    return (f"{table}\n\nPublished: {SOURCE}: \"{figures.quote}\". The paper pre-trains and fine-tunes on one site's "
+            f"whole training set; this run's figures are pooled over its {len(summary['sites'])} site(s), so the two "
+            "should agree only with the paper's data, split and budgets (configs/paper/).")
+
+
+def _figure(value: float | None) -> str:
+    return "not published" if value is None else format_value(value)
 
 
 def main_table(summary: dict[str, Any]) -> str:

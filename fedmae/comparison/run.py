@@ -6,6 +6,8 @@ Layout of the output folder::
     seed-<S>/                      splits.json, data_summary.json of that seed's data
     seed-<S>/<arm>/                the arm's runs (pre-training, fine-tuning) and result.json
     results.json, results.csv, report.md, plots/
+    tensorboard/ or mlruns/        with tracking: the outcome (mlruns/: every run of the comparison;
+                                   TensorBoard's runs keep theirs in their own folders)
 
 An arm whose ``result.json`` exists is finished and is not run again; an arm that was stopped
 resumes its runs from their last checkpoints. Each seed is a full replicate: its own splits,
@@ -28,6 +30,7 @@ import yaml
 
 from fedmae.comparison import arms, plots
 from fedmae.comparison.arms import ARM_TITLES
+from fedmae.comparison.published import check_paper
 from fedmae.comparison.report import summarise, tables, write_report
 from fedmae.comparison.schedule import Task, resolve_parallel, run_tasks, worker_cores
 from fedmae.config import ExperimentConfig, validate_federated
@@ -38,6 +41,7 @@ from fedmae.federated.run_record import failure, finished_summary
 from fedmae.federated.settings import check_site_count
 from fedmae.files import atomic_write_json
 from fedmae.metrics import Metrics, finite_or_null, format_value, main_metric
+from fedmae.tracking import check_tracking, for_nested_run, log_comparison, open_tracker, prepare_store
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +70,8 @@ def run_comparison(cfg: ExperimentConfig, config_path: Path, out: Path, force: b
     ``force``: start over in ``out`` instead of resuming (see :func:`claim`)."""
     out = Path(out).absolute()
     validate_federated(cfg, config_path, pretrain="federated" in cfg.compare.arms, finetune=cfg.compare.finetune == "federated")
+    check_paper(cfg)  # before any run: the paper's figures must fit this comparison
+    check_tracking(cfg)  # a missing package, before anything is written
     claim(out, cfg, force)
     cohorts: dict[int, Cohort] = {}
     results = compare(cfg, out, cohorts=cohorts)
@@ -80,8 +86,11 @@ def run_comparison(cfg: ExperimentConfig, config_path: Path, out: Path, force: b
         if figure is not None:
             figures["MAE reconstructions"] = figure
     report = write_report(out, results, cfg, figures)
+    summary = summarise(results, cfg)
+    with open_tracker(cfg, out, "compare", resume=True) as tracker:  # each arm's runs tracked themselves
+        log_comparison(tracker, summary, tables(summary), figures)
     print()
-    print(tables(summarise(results, cfg)))
+    print(tables(summary))
     print()
     print(f"report: {report} (results.json, results.csv, plots/)")
     return report
@@ -99,11 +108,13 @@ def compare(cfg: ExperimentConfig, out: Path,
     cohorts = {} if cohorts is None else cohorts
     progress = progress or ProgressLine()
     out = Path(out).absolute()
+    check_tracking(cfg)
     claim(out, cfg)
+    prepare_store(cfg, out)  # MLflow: the comparison's runs share its store
     finished: dict[tuple[int, str], dict[str, Any]] = {}
     tasks: list[Task] = []
     for seed in cfg.compare.seeds:
-        seed_cfg = dataclasses.replace(cfg, seed=seed)
+        seed_cfg = for_nested_run(dataclasses.replace(cfg, seed=seed), f"seed-{seed}", root=out)
         seed_dir = out / f"seed-{seed}"
         for arm in cfg.compare.arms:
             done = seed_dir / arm / "result.json"
@@ -141,12 +152,17 @@ def arm_tasks(arm: str, cfg: ExperimentConfig, cohort: Cohort, folder: Path, pro
     report = progress.at(cfg.seed, arm)
     key = (cfg.seed, arm)
     sites = [site.name for site in cohort.sites]
+
+    def named(run: str) -> ExperimentConfig:  # tracked as <run name>/seed-S/<arm>/<run>, <run> its folder here
+        return for_nested_run(cfg, f"{arm}/{run}")
+
     if arm == "local":
-        pretraining = [Task((*key, "pretrain", s), arms.local_site, (cfg, cohort, s, folder, report)) for s in sites]
+        pretraining = [Task((*key, "pretrain", s), arms.local_site, (named(f"pretrain/{s}"), cohort, s, folder, report))
+                       for s in sites]
     elif arm == "federated":
-        pretraining = [Task((*key, "pretrain"), _federated_pretraining, (cfg, cohort, folder, report))]
+        pretraining = [Task((*key, "pretrain"), _federated_pretraining, (named("flower"), cohort, folder, report))]
     elif arm == "centralised":
-        pretraining = [Task((*key, "pretrain"), arms.centralised, (cfg, cohort, folder, report))]
+        pretraining = [Task((*key, "pretrain"), arms.centralised, (named("pretrain"), cohort, folder, report))]
     else:
         pretraining = []
     encoders = {s: arms.encoder_checkpoint(arm, folder, s) for s in sites}
@@ -154,11 +170,12 @@ def arm_tasks(arm: str, cfg: ExperimentConfig, cohort: Cohort, folder: Path, pro
         def after(site: str) -> tuple:
             return tuple(t.key for t in pretraining if t.key[3:] in ((), (site,)))
 
-        finetuning = [Task((*key, "finetune", s), finetune_site, (cfg, cohort, s, encoders[s], folder / "finetune", report),
+        finetuning = [Task((*key, "finetune", s), finetune_site,
+                           (named(f"finetune/{s}"), cohort, s, encoders[s], folder / "finetune", report),
                            after=after(s)) for s in sites]
     else:
         finetuning = [Task((*key, "finetune"), _finetune_federated,
-                           (arm, cfg, cohort, encoders, folder, report),
+                           (arm, named("flower-finetune"), cohort, encoders, folder, report),
                            after=tuple(t.key for t in pretraining))]
     return [*pretraining, *finetuning]
 
@@ -209,7 +226,8 @@ def finetune_site(cfg: ExperimentConfig, cohort: Cohort, site: str, encoder: Pat
                 progress(f"{site} fine-tuning on its own labels, epoch {epoch}/{epochs}: {key} {format_value(value)}")
 
     own = arms.single_site(cohort, site)
-    result = finetune(cfg, folder / site, encoder=encoder, resume=True, cohort=own, on_epoch_end=on_epoch)
+    result = finetune(cfg, folder / site, encoder=encoder, resume=True, cohort=own, on_epoch_end=on_epoch,
+                      track=True)
     # Its weight is its number of test cases (a file left out as bad still counts), as in a Flower site's reply.
     flat = {**Metrics.from_json(result.metrics["pooled"]).flat(), "num-examples": float(len(own.sites[0].test))}
     return flat, result.seconds
@@ -252,7 +270,8 @@ def claim(out: Path, cfg: ExperimentConfig, force: bool = False) -> None:
     check_output_dir(out, "compare", cfg, holds_run=stored.is_file(), resume=not force, force=force)
     if stored.is_file() and not force:
         check_resume_config(yaml.safe_load(stored.read_text()), cfg, stored)
-    previous = [p.name for p in out.glob("seed-*")] + ["results.json", "results.csv", "report.md", "plots"]
+    previous = [p.name for p in out.glob("seed-*")] + ["results.json", "results.csv", "report.md", "plots", "tensorboard",
+                                                       "mlruns"]
     claim_output_dir(out, "compare", cfg, force=force, previous_outputs=previous)
 
 

@@ -1,11 +1,12 @@
 """What every data source reader produces: a catalogue of cases, before any pixel is read.
 
-A reader turns a data set on disk (a Decathlon folder, a NIfTI folder with a manifest, the
-ChestX-ray14 layout, a MedMNIST file) or the built-in generator into a :class:`Catalog`: one
-:class:`Case` per image with where its pixels are, its annotations when it has any, its natural site
-and patient, and any official split. Problems found while indexing (a listed file that is missing,
-an unknown finding name) are collected as :class:`Problem` records instead of raised, so one
-inspection can report all of them; the loader decides whether they are fatal.
+A reader turns a data set on disk (a Decathlon folder, a NIfTI folder with a manifest, a folder
+of DICOM series, the ChestX-ray14 layout, a MedMNIST file) or the built-in generator into a
+:class:`Catalog`: one :class:`Case` per image with where its pixels are, its annotations when it
+has any, its natural site and patient, and any official split. Problems found while indexing (a
+listed file that is missing, an unknown finding name) are collected as :class:`Problem` records
+instead of raised, so one inspection can report all of them; the loader decides whether they are
+fatal.
 """
 
 from __future__ import annotations
@@ -31,9 +32,9 @@ class Case:
     """One image and its annotations.
 
     ``image`` is a (C, *S) float32 array held in memory (built-in data, MedMNIST) or the path of an
-    image file (several paths: one per channel, stacked in order). ``label`` is a segmentation map,
-    (*S) integer array or file path. ``findings`` are classification targets: (K,) 0/1 values,
-    one-hot when the classes are exclusive.
+    image file or DICOM series folder (several paths: one per channel, stacked in order). ``label``
+    is a segmentation map, (*S) integer array or file path. ``findings`` are classification
+    targets: (K,) 0/1 values, one-hot when the classes are exclusive.
     """
 
     case_id: str
@@ -80,7 +81,7 @@ class Problem:
 class Catalog:
     """A data set's cases and what its annotations mean."""
 
-    source: str  # reader name: synthetic, decathlon, nifti_folder, chestxray14, medmnist
+    source: str  # reader name: synthetic, decathlon, nifti_folder, dicom, chestxray14, medmnist
     root: str
     modality: Modality
     spatial_dims: int

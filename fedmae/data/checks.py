@@ -3,13 +3,14 @@
 A run that dies after hours on one truncated volume loses the time; a run that silently trains on
 a NaN volume or a label map that does not fit its image loses the result. So every file is opened
 (and with ``full`` read to the last voxel) up front, and each problem is reported as one line
-naming the file. Files are read with nibabel and Pillow directly: the loader's own preprocessing
-(MONAI) later reads the same files, but errors from deep inside a transform chain do not say
-which file or what to do.
+naming the file. Files are read with nibabel and Pillow directly (a folder is a DICOM series,
+read by :mod:`fedmae.data.dicom`): the loader's own preprocessing (MONAI) later reads the same
+files, but errors from deep inside a transform chain do not say which file or what to do.
 """
 
 from __future__ import annotations
 
+import os
 import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -154,9 +155,22 @@ def read_problem(path: str, spatial_dims: int) -> str | None:
 
 
 def _read_file(path: str, spatial_dims: int, full: bool) -> _Image:
+    if os.path.isdir(path):  # a DICOM series: one folder, one volume
+        return _read_series(path, full)
     if is_nifti(path):
         return _read_nifti(path, spatial_dims, full)
     return _read_picture(path, full)
+
+
+def _read_series(path: str, full: bool) -> _Image:
+    from fedmae.data.dicom import SeriesError, read_series
+
+    try:
+        series = read_series(path, full=full)
+    except SeriesError as err:  # names the file at fault, or the folder
+        raise _Unreadable(err.path, err.reason) from None
+    spacing = tuple(round(s, 4) for s in series.spacing)
+    return _Image(series.array, series.shape, spacing, series.affine)
 
 
 def _read_nifti(path: str, spatial_dims: int, full: bool) -> _Image:

@@ -27,7 +27,8 @@ ImageSource = np.ndarray | str | tuple[str, ...]  # an in-memory (C, *S) array o
 
 
 def pretraining_dataset(images: Sequence[ImageSource], cfg: ExperimentConfig, prep: Preprocessing, train: bool = True) -> SeededDataset:
-    """Images only (no labels can enter): random crops and flips of the model's input size."""
+    """Images only (no labels can enter): ``data.samples_per_volume`` random crops of the model's input
+    size per image, and flips; never a label-guided crop, since there is no label key to guide it."""
     steps = load_steps(["image"], prep) + augment_steps(["image"], cfg, "train" if train else "centre", finetuning=False)
     return cached_dataset([{"image": image} for image in images], steps, cfg, prep)
 
@@ -35,7 +36,8 @@ def pretraining_dataset(images: Sequence[ImageSource], cfg: ExperimentConfig, pr
 def finetuning_dataset(
     cases: Sequence[Case], task: TaskSpec, cfg: ExperimentConfig, prep: Preprocessing, train: bool = True
 ) -> SeededDataset:
-    """(image, target) pairs. Segmentation targets are cropped and flipped with their image.
+    """(image, target) pairs. Segmentation targets are cropped and flipped with their image (crops
+    centred on labelled voxels with ``data.finetune_crop: pos_neg``).
 
     Segmentation is evaluated on whole images (sliding window), so ``train=False`` leaves them
     uncropped; classification evaluates the centre crop.

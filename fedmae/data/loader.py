@@ -7,7 +7,9 @@ in whatever order, a loader can keep its worker processes for the whole run, and
 any epoch sees exactly the batches it would have seen without the interruption.
 
 When nothing random is left (a crop the size of the image, no flips: e.g. the built-in 2D data),
-a batch is a plain stack of cached tensors: no per-sample transform runs at all.
+a batch is a plain stack of cached tensors: no per-sample transform runs at all. When the random
+stage draws several crops from each image (``data.samples_per_volume``), a batch of B images holds
+B x crops samples, each image's crops side by side.
 
 A file that fails to load is dropped from its batch and handed to the loader's
 :class:`~fedmae.data.badfiles.BadFiles`, which stops the run or leaves the file out.
@@ -21,7 +23,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.transforms import Compose, Lambdad, RandSpatialCropd, Randomizable
+from monai.transforms import (
+    Compose,
+    Lambdad,
+    RandCropByPosNegLabeld,
+    Randomizable,
+    RandSpatialCropd,
+    RandSpatialCropSamplesd,
+)
 from torch.utils.data import DataLoader, Sampler, default_collate
 
 from fedmae.data.badfiles import BadFiles, UnloadableFile, find_unloadable
@@ -30,6 +39,9 @@ from fedmae.data.catalog import DataError
 Item = dict[str, Any]
 Key = tuple[int, int]  # (index into the dataset, seed of that sample's augmentation)
 Failure = tuple[int, str, str]  # (index into the dataset, file, what failed)
+# The training crops (fedmae.data.preprocess.training_crop): what they return are views into the
+# cached tensor, so a copy follows them.
+CROPS = (RandSpatialCropd, RandSpatialCropSamplesd, RandCropByPosNegLabeld)
 
 
 def epoch_seed(seed: int, epoch: int, stream: int = 0) -> int:
@@ -42,7 +54,8 @@ class SeededDataset(torch.utils.data.Dataset):
 
     ``store``: the items after the deterministic stage (a list, or a MONAI dataset that loads or
     caches them). ``augment``: the random stage, or None. Index with ``(index, seed)``; a plain
-    index means seed 0.
+    index means seed 0. A random stage that draws several crops from an image
+    (``data.samples_per_volume``) gives a list of items; a batch holds them side by side.
     """
 
     def __init__(self, store: Sequence[Item], augment: Compose | None):
@@ -51,7 +64,7 @@ class SeededDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.store)
 
-    def __getitem__(self, key: int | Key) -> Item:
+    def __getitem__(self, key: int | Key) -> Item | list[Item]:
         index, seed = key if isinstance(key, tuple) else (key, 0)
         if not -len(self) <= index < len(self):
             raise IndexError(index)
@@ -70,18 +83,24 @@ class SeededDataset(torch.utils.data.Dataset):
         return self.augment(dict(item))
 
     def __getitems__(self, keys: Sequence[Key]) -> Item:
-        """One collated batch (torch's loaders fetch a whole batch through this)."""
-        return default_collate([self[key] for key in keys])
+        """One collated batch (torch's loaders fetch a whole batch through this): images x crops."""
+        return default_collate([sample for key in keys for sample in _samples(self[key])])
 
     def fetch(self, keys: Sequence[Key]) -> tuple[Item | None, list[Failure]]:
         """One collated batch of the samples that load (None: not one did), and those that failed."""
-        items, failed = [], []
+        items: list[Item] = []
+        failed: list[Failure] = []
         for key in keys:
             try:
-                items.append(self[key])
+                items += _samples(self[key])
             except UnloadableFile as err:
                 failed.append((key[0] if isinstance(key, tuple) else key, err.path, err.reason))
         return (default_collate(items) if items else None), failed
+
+
+def _samples(drawn: Item | list[Item]) -> list[Item]:
+    """The samples one image gave: its crops, in the order they were drawn."""
+    return drawn if isinstance(drawn, list) else [drawn]
 
 
 class _Fetching(torch.utils.data.Dataset):
@@ -111,8 +130,9 @@ def seeded_dataset(store: Sequence[Item], augment: Sequence, roi: Sequence[int])
             now = Compose(steps[:fixed])
             store = [now(dict(item)) if isinstance(item, dict) else item for item in store]
             steps = steps[fixed:]
-    if steps and isinstance(steps[0], RandSpatialCropd):
-        # A crop is a view into the cached tensor: copy it before anything can write into it.
+    if steps and isinstance(steps[0], CROPS):
+        # A crop is a view into the cached tensor: copy it (each crop, when there are several)
+        # before anything can write into it.
         steps.insert(1, _copy_step(steps[0].keys))
     elif steps:
         steps.insert(0, _copy_step(_keys(store)))

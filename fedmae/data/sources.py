@@ -10,7 +10,7 @@ from fedmae.data.catalog import Catalog, DataError
 if TYPE_CHECKING:
     from fedmae.config import ExperimentConfig
 
-SOURCES = ("synthetic", "decathlon", "nifti_folder", "chestxray14", "medmnist")
+SOURCES = ("synthetic", "decathlon", "nifti_folder", "dicom", "chestxray14", "medmnist")
 
 
 def read_catalog(cfg: ExperimentConfig) -> Catalog:
@@ -30,6 +30,10 @@ def read_catalog(cfg: ExperimentConfig) -> Catalog:
         if d.modality == "auto":
             raise DataError(f"{d.root}: a nifti_folder does not say what it holds; set data.modality to ct, mri or other")
         return read_nifti_folder(d.root, d.manifest, d.modality)
+    if d.source == "dicom":
+        from fedmae.data.dicom import read_dicom_folder
+
+        return read_dicom_folder(d.root, d.modality)
     if d.source == "chestxray14":
         from fedmae.data.chestxray14 import read_chestxray14
 
@@ -55,7 +59,10 @@ def detect_source(path: str | Path) -> str:
     if any((path / name).is_file() for name in ("Data_Entry_2017.csv", "Data_Entry_2017_v2020.csv")):
         return "chestxray14"
     if (path / "images").is_dir() or any((p / "images").is_dir() for p in path.iterdir()):
-        return "nifti_folder"
+        from fedmae.data.dicom import is_series_layout
+
+        # images/ holding folders (one per series) rather than NIfTI files
+        return "dicom" if is_series_layout(path) else "nifti_folder"
     raise DataError(
         f"{path}: not a known layout (expected dataset.json, Data_Entry_2017.csv, images/ or an .npz file); "
         "pass a config file instead"

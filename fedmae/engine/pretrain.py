@@ -29,11 +29,13 @@ from fedmae.engine.optim import build_optimizer
 from fedmae.engine.runs import RunResult, Stopwatch, open_run, restore_or_start
 from fedmae.models.factory import build_mae
 from fedmae.models.mae import MaskedAutoencoder
+from fedmae.tracking import NoTracker, check_tracking, epoch_metrics, open_tracker
 
 log = logging.getLogger(__name__)
 
 LAST = "checkpoint_last.pt"
-RUN_OUTPUTS = (LAST, "metrics.jsonl", "splits.json", "data_summary.json", "bad_cases.csv")  # cleared by --force
+RUN_OUTPUTS = (LAST, "metrics.jsonl", "splits.json", "data_summary.json", "bad_cases.csv",  # cleared by --force
+               "tensorboard", "mlruns")
 EpochCallback = Callable[[int, dict[str, Any]], None]
 
 
@@ -44,6 +46,8 @@ def mae_loss(model: MaskedAutoencoder, batch: dict[str, torch.Tensor]) -> torch.
 
 
 def pretrain_schedule(cfg: ExperimentConfig, num_images: int) -> Schedule:
+    """Warm-up and cosine over steps; a step is ``batch_size`` images (each giving
+    ``data.samples_per_volume`` crops), so an epoch is ceil(images / batch_size) steps."""
     steps_per_epoch = math.ceil(num_images / cfg.pretrain.batch_size)
     p = cfg.pretrain
     return Schedule(cfg.pretrain_lr, p.min_lr, p.warmup_epochs * steps_per_epoch, p.epochs * steps_per_epoch)
@@ -116,12 +120,16 @@ def pretrain(
     force: bool = False,
     cohort: Cohort | None = None,
     on_epoch_end: EpochCallback | None = None,
+    track: bool = False,
 ) -> RunResult:
     """Pre-train an MAE on the pooled training images of all sites; returns the last checkpoint.
 
     ``cohort``: the data, already loaded (else loaded from the config, with its reports written
     to ``output_dir``). ``force``: start over in an output folder that holds something else
-    (see :func:`fedmae.engine.runs.check_output_dir`)."""
+    (see :func:`fedmae.engine.runs.check_output_dir`). ``track``: also send each epoch's record
+    to the tracker ``cfg.tracking`` names (the user's runs; a federated site never tracks)."""
+    if track:
+        check_tracking(cfg)  # a missing package is refused before the folder is touched
     watch = Stopwatch()
     output_dir = Path(output_dir)
     last = output_dir / LAST
@@ -142,31 +150,36 @@ def pretrain(
     resumed = restore_or_start(resumed, last, model, optimizer, metrics_log)
     start_epoch, step = (resumed["epoch"], resumed["step"]) if resumed else (0, 0)
     log.info(
-        "pre-training %s on %d images (%d validation), lr %.3g (base %.3g x batch %d / 256), %d epochs",
-        cfg.model.name, len(images["train"]), len(images["val"]), cfg.pretrain_lr, p.base_lr, p.batch_size, p.epochs,
+        "pre-training %s on %d images (%d validation), lr %.3g (base %.3g x %d crops per step / 256: %d images x %d "
+        "crops), %d epochs of %d steps",
+        cfg.model.name, len(images["train"]), len(images["val"]), cfg.pretrain_lr, p.base_lr,
+        cfg.pretrain_crops_per_step, p.batch_size, cfg.data.samples_per_volume, p.epochs,
+        math.ceil(len(images["train"]) / p.batch_size),
     )
     net = compiled(model, cfg.compile)
+    tracker = open_tracker(cfg, output_dir, "pretrain", resume=resumed is not None) if track else NoTracker()
 
     record: dict[str, Any] = {}
-    for epoch in range(start_epoch, p.epochs):
-        epoch_watch = Stopwatch()
-        train_loss, step = pretrain_epoch(
-            net, train_loader, optimizer, schedule, cfg, epoch, step, device, desc=f"pretrain {epoch + 1}/{p.epochs}"
-        )
-        record = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"], "train_loss": train_loss}
-        if due(epoch + 1, p.eval_every, p.epochs):
-            record["val_loss"] = reconstruction_loss(net, val_loader, cfg, device)
-        record["seconds"] = round(epoch_watch.seconds, 3)
-        metrics_log.write(record)
-        if due(epoch + 1, p.checkpoint_every, p.epochs):
-            save_checkpoint(
-                last, kind="mae", model_state=model.state_dict(), config=cfg.to_dict(), epoch=epoch + 1, step=step,
-                optimizer_state=optimizer.state_dict(), metrics=record,
-            )
-        log.info("pretrain epoch %d: train loss %.4f%s", epoch + 1, train_loss,
-                 f", val loss {record['val_loss']:.4f}" if "val_loss" in record else "")
-        if on_epoch_end is not None:
-            on_epoch_end(epoch + 1, record)
+    with tracker:
+        for epoch in range(start_epoch, p.epochs):
+            epoch_watch = Stopwatch()
+            train_loss, step = pretrain_epoch(net, train_loader, optimizer, schedule, cfg, epoch, step, device,
+                                              desc=f"pretrain {epoch + 1}/{p.epochs}")
+            record = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"], "train_loss": train_loss}
+            if due(epoch + 1, p.eval_every, p.epochs):
+                record["val_loss"] = reconstruction_loss(net, val_loader, cfg, device)
+            record["seconds"] = round(epoch_watch.seconds, 3)
+            metrics_log.write(record)
+            tracker.log_metrics(epoch + 1, epoch_metrics(record, len(images["train"])), "pretrain")
+            if due(epoch + 1, p.checkpoint_every, p.epochs):
+                save_checkpoint(
+                    last, kind="mae", model_state=model.state_dict(), config=cfg.to_dict(), epoch=epoch + 1, step=step,
+                    optimizer_state=optimizer.state_dict(), metrics=record,
+                )
+            log.info("pretrain epoch %d: train loss %.4f%s", epoch + 1, train_loss,
+                     f", val loss {record['val_loss']:.4f}" if "val_loss" in record else "")
+            if on_epoch_end is not None:
+                on_epoch_end(epoch + 1, record)
     if not record:  # resumed a finished run: report what it ended with
         record = load_checkpoint(last, expect_kind="mae")["metrics"]
     return RunResult(output_dir, last, record, watch.seconds)

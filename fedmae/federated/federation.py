@@ -31,7 +31,7 @@ from fedmae.federated.global_model import GlobalCheckpoints, initial_encoder, in
 from fedmae.federated.run_record import SUMMARY, open_federated_run, write_summary
 from fedmae.federated.settings import check_site_count
 from fedmae.metrics import weighted_mean
-from fedmae.models.state import encoder_entries
+from fedmae.tracking import TrackedRounds, open_tracker, report_metrics
 
 log = logging.getLogger("fedmae.server")
 WAIT_REPORT_EVERY = 30.0  # seconds between "waiting for sites" lines
@@ -98,8 +98,9 @@ class FederatedRun:
     def __init__(self, sites: Sites, cfg: ExperimentConfig, out: Path, resume: bool):
         self.sites, self.cfg, self.out, self.resume = sites, cfg, Path(out), resume
         self.checkpoints = GlobalCheckpoints(self.out / "global", cfg)
+        self.tracker = open_tracker(cfg, self.out, "federated", resume=resume)  # the server's: sites never track
         open_federated_run(self.out, cfg, resume=resume, option="output-dir")
-        self.log = MetricsLog(self.out / "rounds.jsonl")
+        self.log = TrackedRounds(self.out / "rounds.jsonl", self.tracker, cfg)  # every line also goes to the tracker
         self.site_names: dict[int, str] = {}
         self.site_images: dict[int, int] = {}
         self.summary: dict[str, Any] = {"output_dir": str(self.out), "config": cfg.to_dict()}
@@ -109,7 +110,8 @@ class FederatedRun:
         """Every phase; ``summary.json`` records the run as running, then done or failed (with why)."""
         write_summary(self.out, self.summary, "running")
         try:
-            self._run()
+            with self.tracker:
+                self._run()
         except BaseException as err:
             write_summary(self.out, self.summary, "failed", error=f"{type(err).__name__}: {err}")
             raise
@@ -141,6 +143,9 @@ class FederatedRun:
             self.finetune_federated(sites, encoder)
         elif mode == "local":
             self.finetune_local(encoder)
+        test = self.summary.get("finetune", {}).get("test")
+        if test:
+            self.tracker.log_metrics(self.cfg.finetune.epochs, report_metrics(test), "test")
         if self.privacy is not None:
             self.summary["privacy"] = self.privacy.spent()
         self.summary["seconds"] = round(time.monotonic() - started, 1)
@@ -208,14 +213,18 @@ class FederatedRun:
         return state
 
     def starting_encoder(self, start: str) -> Weights:
-        """federated.start_from: fine-tune a given encoder (or a random one) without pre-training here."""
+        """federated.start_from: fine-tune a given encoder (or a random one) without pre-training here:
+        a fedmae pre-training checkpoint, or a foreign encoder fitted to the model (fedmae.interop)."""
         self.summary["pretrain"] = {"start_from": start}
         if start == "random":
             return initial_encoder(self.cfg)
-        payload = load_checkpoint(start)
-        if payload["kind"] not in ("mae", "global"):
-            raise ValueError(f"federated.start_from: {start} is a {payload['kind']} checkpoint, not a pre-training one")
-        return encoder_entries(payload["model"])
+        from fedmae.interop import import_encoder_for
+
+        imported = import_encoder_for(start, self.cfg)
+        if imported.kind not in (None, "mae", "global"):
+            raise ValueError(f"federated.start_from: {start} is a {imported.kind} checkpoint, not a pre-training one")
+        self.summary["pretrain"]["format"] = imported.format
+        return imported.entries()
 
     def finetune_federated(self, sites: dict[int, dict[str, Any]], encoder: Weights) -> None:
         outputs = {s["outputs"] for s in sites.values()}
@@ -247,6 +256,7 @@ class FederatedRun:
             self._mark_resume(phase, done)
         rounds = self.sites.rounds(phase, site_names=self.site_names, site_images=self.site_images, metrics_log=self.log,
                                    privacy=self.privacy)
+        self.log.start_phase(phase, state)  # the size of what its messages carry, for the tracker
         selection = _Selection(phase, self._best_score(phase), lambda: self.checkpoints.best(phase).exists())
         fed = self.cfg.federated
         released = done  # the round of ``state``
@@ -294,6 +304,7 @@ class FederatedRun:
                         riding: bool = False) -> None:
         log.info("%s round %d/%d: validation %s%s", phase, run_round, total, evaluation,
                  f" (taken with round {run_round + 1}'s training)" if riding else "")
+        self.log.validation(phase, run_round, evaluation)
 
     def _validated(self, phase: str, run_round: int) -> bool:
         """Whether the sites' validation of ``run_round`` is in the log (a resumed run validates the
