@@ -178,9 +178,10 @@ class _SiteRounds:
             self._write(*self._live, self._live_metrics)
 
     def _write(self, server_round: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, metrics: dict) -> None:
+        kept = self._kept_keys(model)
         save_checkpoint(
             self._state_path(server_round), kind="site", config=self.cfg.to_dict(),
-            model_state={k: v for k, v in model.state_dict().items() if k in self._kept_keys(model)},
+            model_state={k: v for k, v in model.state_dict().items() if k in kept},
             epoch=server_round, step=self.step, optimizer_state=optimizer.state_dict(), metrics=metrics,
             extra={"site": self.site.name, "phase": self.phase,
                    **({"transport_carry": self.carried} if self.carried is not None else {})},
