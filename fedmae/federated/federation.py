@@ -220,9 +220,14 @@ class FederatedRun:
             return initial_encoder(self.cfg)
         from fedmae.interop import import_encoder_for
 
+        from fedmae.data.preprocess import check_encoder_input
+
         imported = import_encoder_for(start, self.cfg)
         if imported.kind not in (None, "mae", "global"):
             raise ValueError(f"federated.start_from: {start} is a {imported.kind} checkpoint, not a pre-training one")
+        # A fedmae encoder pre-trained on another input size is refused, as `fedmae finetune --encoder` does.
+        check_encoder_input(((imported.config or {}).get("model") or {}).get("img_size"), self.cfg,
+                            f"federated.start_from {start}")
         self.summary["pretrain"]["format"] = imported.format
         return imported.entries()
 

@@ -116,3 +116,14 @@ def test_a_flower_run_of_real_sites_fine_tunes_from_a_foreign_encoder(tmp_path):
     assert summary["pretrain"] == {"start_from": spec, "format": "mae"}
     assert not list((out / "global").glob("pretrain_*")) and (out / "global" / "finetune_best.pt").is_file()
     assert set(summary["finetune"]["test"]["sites"]) == {"site-0", "site-1"}
+
+
+def test_a_fedmae_encoder_pre_trained_on_another_input_size_is_refused_as_start_from(tmp_path):
+    # 16x64 and 32x32 have the same number of patches: the weights would load without complaint.
+    other = tiny_config(2, model={"img_size": [16, 64]})
+    checkpoint = save_checkpoint(tmp_path / "pre" / "checkpoint_last.pt", kind="mae", model_state=build_mae(other).state_dict(),
+                                 config=other.to_dict(), epoch=1, step=1)
+    cfg = tiny_config(2, federated={"min_sites": 1, "finetune": "federated", "start_from": str(checkpoint)})
+    with pytest.raises(ValueError, match=r"the encoder was pre-trained on inputs of \[16, 64\], but the fine-tuning crops "
+                                         r"are model.img_size \[32, 32\]"):
+        FederatedRun(ScriptedSites(), cfg, tmp_path / "out", resume=False).run()
