@@ -52,7 +52,7 @@ from sites.app import app as client_app  # noqa: E402
 def experiment(folder: Path, args: argparse.Namespace, transport: str = "fp32") -> Path:
     raw = yaml.safe_load((REPO / "configs/federated-demo.yaml").read_text())
     raw["data"]["num_sites"] = args.sites
-    every = getattr(args, "checkpoint_every", 1)
+    every = args.checkpoint_every
     raw["pretrain"].update(epochs=args.epochs, warmup_epochs=1, checkpoint_every=every)
     raw["federated"].update(local_epochs=args.local_epochs, min_sites=args.sites, finetune="none", transport=transport,
                             checkpoint_every=every)

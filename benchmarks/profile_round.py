@@ -110,7 +110,8 @@ class StageTimer:
 
 
 def _config(folder: Path, args: argparse.Namespace) -> Path:
-    return experiment(folder, argparse.Namespace(sites=args.sites, epochs=args.epochs, local_epochs=1))
+    # Checkpoint cadence and the rest: the config's, or --set on both sides.
+    return experiment(folder, argparse.Namespace(sites=args.sites, epochs=args.epochs, local_epochs=1, checkpoint_every=1))
 
 
 def in_process(work: Path, args: argparse.Namespace) -> dict:

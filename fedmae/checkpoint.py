@@ -18,6 +18,7 @@ import os
 import pickle
 import platform
 import re
+import shutil
 import warnings
 from collections.abc import Mapping
 from importlib import metadata
@@ -160,8 +161,6 @@ def link_checkpoint(source: str | Path, target: str | Path) -> Path:
     try:
         os.link(source, tmp)
     except OSError:  # no hard links here (some network or FAT file systems): copy
-        import shutil
-
         shutil.copyfile(source, tmp)
     os.replace(tmp, target)
     atomic_write_text(digest_path(target), f"{recorded}  {target.name}\n")

@@ -218,9 +218,8 @@ class FederatedRun:
         self.summary["pretrain"] = {"start_from": start}
         if start == "random":
             return initial_encoder(self.cfg)
-        from fedmae.interop import import_encoder_for
-
         from fedmae.data.preprocess import check_encoder_input
+        from fedmae.interop import import_encoder_for
 
         imported = import_encoder_for(start, self.cfg)
         if imported.kind not in (None, "mae", "global"):

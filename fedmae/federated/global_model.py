@@ -3,8 +3,8 @@
 Every ``federated.checkpoint_every``-th round's global model (and the last round's) is written
 atomically with the config, phase and round number (``<phase>_round_NNNN.pt``, the newest ``keep``
 of them) and as ``<phase>_last.pt``; a stopped run resumes from ``<phase>_last.pt`` with the right
-round numbers. Fine-tuning also keeps the
-model that scored best on the sites' validation data as ``finetune_best.pt``.
+round numbers. Fine-tuning also keeps the model that scored best on the sites' validation data
+as ``finetune_best.pt``.
 """
 
 from __future__ import annotations
@@ -61,9 +61,7 @@ class GlobalCheckpoints:
              best: bool = False) -> Path:
         """This round's global model: a per-round file (newest ``keep`` kept), the last, and the best
         when ``best``. The weights are written once; the last and the best are links to that file."""
-        path = save_checkpoint(self.folder / f"{phase}_round_{server_round:04d}.pt", kind="global", model_state=state,
-                               config=self.cfg.to_dict(), epoch=server_round, step=server_round, metrics=metrics,
-                               extra={"phase": phase, "round": server_round})
+        path = self._write(self.folder / f"{phase}_round_{server_round:04d}.pt", phase, server_round, state, metrics)
         link_checkpoint(path, self.last(phase))
         if best:
             link_checkpoint(path, self.best(phase))
@@ -74,9 +72,12 @@ class GlobalCheckpoints:
 
     def save_best(self, phase: str, server_round: int, state: dict[str, torch.Tensor], metrics: dict[str, Any]) -> Path:
         """Only the best model, of a round that is not checkpointed (``federated.checkpoint_every``)."""
-        return save_checkpoint(self.best(phase), kind="global", model_state=state, config=self.cfg.to_dict(),
-                               epoch=server_round, step=server_round, metrics=metrics,
-                               extra={"phase": phase, "round": server_round})
+        return self._write(self.best(phase), phase, server_round, state, metrics)
+
+    def _write(self, path: Path, phase: str, server_round: int, state: dict[str, torch.Tensor],
+               metrics: dict[str, Any]) -> Path:
+        return save_checkpoint(path, kind="global", model_state=state, config=self.cfg.to_dict(), epoch=server_round,
+                               step=server_round, metrics=metrics, extra={"phase": phase, "round": server_round})
 
     def resume_point(self, phase: str) -> tuple[int, dict[str, torch.Tensor], dict[str, Any]] | None:
         """(round, global state, metrics) of the last saved round of ``phase``, if any."""

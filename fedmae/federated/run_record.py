@@ -48,20 +48,27 @@ def write_summary(out: Path, summary: dict[str, Any], status: str, error: str | 
     return atomic_write_json(out / SUMMARY, finite_or_null(record))
 
 
-def finished_summary(out: Path) -> dict[str, Any] | None:
-    """The summary of a run that finished, else None (still running, failed, or never started).
-    A summary without a status was written by an earlier fedmae only when the run finished."""
+def _recorded(out: Path) -> dict[str, Any] | None:
+    """The run's summary as last written, or None (not written yet, or unreadable)."""
     try:
-        summary = json.loads((Path(out) / SUMMARY).read_text())
+        return json.loads((Path(out) / SUMMARY).read_text())
     except (OSError, ValueError):
         return None
-    return summary if summary.get("status", "done") == "done" else None
+
+
+def recorded_status(out: Path) -> str | None:
+    """running, done or failed; None without a summary. A summary without a status was written by
+    an earlier fedmae only when the run finished."""
+    summary = _recorded(out)
+    return None if summary is None else summary.get("status", "done")
+
+
+def finished_summary(out: Path) -> dict[str, Any] | None:
+    """The summary of a run that finished, else None (still running, failed, or never started)."""
+    return _recorded(out) if recorded_status(out) == "done" else None
 
 
 def failure(out: Path) -> str | None:
     """The error a failed run recorded, if it recorded one."""
-    try:
-        summary = json.loads((Path(out) / SUMMARY).read_text())
-    except (OSError, ValueError):
-        return None
-    return summary.get("error") if summary.get("status") == "failed" else None
+    summary = _recorded(out)
+    return summary.get("error") if summary is not None and recorded_status(out) == "failed" else None

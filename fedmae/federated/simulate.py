@@ -27,7 +27,7 @@ import torch
 
 from fedmae.config import ExperimentConfig, FederatedConfig
 from fedmae.engine.runs import check_output_dir, claim_output_dir, read_marker
-from fedmae.federated.run_record import SUMMARY
+from fedmae.federated.run_record import SUMMARY, recorded_status
 from fedmae.federated.settings import APP_DIR, check_site_count
 from fedmae.federated.watchdog import descendants, parent_death_signal, stop_pids
 
@@ -140,7 +140,7 @@ def simulate(cfg: ExperimentConfig, num_sites: int, output_dir: Path, resume: bo
         # `flwr run` is this process's own child (same session): the kernel ends it with this process.
         flwr_run = subprocess.Popen(command, env=env, stdout=stream, stderr=subprocess.STDOUT if stream else None,
                                     preexec_fn=parent_death_signal())
-        return _wait_for_run(flwr_run, output_dir / SUMMARY, started)
+        return _wait_for_run(flwr_run, output_dir, started)
     finally:
         stop_process_tree(superlink)
         superlink_log.close()
@@ -151,7 +151,7 @@ def simulate(cfg: ExperimentConfig, num_sites: int, output_dir: Path, resume: bo
         signal.signal(signal.SIGTERM, previous_handler)
 
 
-def _wait_for_run(flwr_run: subprocess.Popen, summary: Path, started_ns: int) -> int:
+def _wait_for_run(flwr_run: subprocess.Popen, output_dir: Path, started_ns: int) -> int:
     """Wait for ``flwr run`` to exit, or for the run to end: once the ServerApp has recorded the
     run as done or failed (``summary.json``, written after every output), Flower's own shut-down
     (the simulation engine, Ray, the log stream; ~4 s here) produces nothing the run needs, so it
@@ -162,7 +162,7 @@ def _wait_for_run(flwr_run: subprocess.Popen, summary: Path, started_ns: int) ->
             return flwr_run.wait(timeout=POLL_SECONDS)
         except subprocess.TimeoutExpired:
             pass
-        if ended is None and _recorded_end(summary, started_ns):
+        if ended is None and _recorded_end(output_dir, started_ns):
             ended = time.monotonic()
         if ended is not None and time.monotonic() - ended >= LAST_LINES_SECONDS:
             log.info("the run has ended; stopping Flower's simulation without waiting for its own shut-down")
@@ -175,15 +175,15 @@ def _wait_for_run(flwr_run: subprocess.Popen, summary: Path, started_ns: int) ->
             return 0  # what the run did is in summary.json, which the caller reads
 
 
-def _recorded_end(summary: Path, started_ns: int) -> bool:
+def _recorded_end(output_dir: Path, started_ns: int) -> bool:
     """Whether this run's ServerApp recorded it as done or failed (a summary from before this
     simulation started, e.g. of the run being resumed, does not count)."""
     try:
-        if summary.stat().st_mtime_ns < started_ns:
+        if (output_dir / SUMMARY).stat().st_mtime_ns < started_ns:
             return False
-        return json.loads(summary.read_text()).get("status") in ("done", "failed")
-    except (OSError, ValueError):  # not written yet
+    except OSError:  # not written yet
         return False
+    return recorded_status(output_dir) in ("done", "failed")
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:

@@ -4,8 +4,9 @@ own data, starting from the global weights, and evaluation on its own validation
 Pre-training sends and receives only the encoder; the MAE decoder, the mask token, the optimiser
 state and the step counter stay at the site, on its disk (``state_dir``), so they survive a
 restarted run. (Only those: every round starts by loading the server's weights over the rest,
-so a fine-tuning site keeps just its optimiser state and step.) A round's state is saved after the round, and the last two are kept: a round that
-is repeated after a server crash starts from exactly the state it started from the first time.
+so a fine-tuning site keeps just its optimiser state and step.) A round's state is saved after
+the round, and the last two are kept: a round that is repeated after a server crash starts from
+exactly the state it started from the first time.
 In a simulation, whose processes keep their sites live between rounds, the state is written at
 the rounds the server checkpoints (``federated.checkpoint_every``, and the last), and when the
 process drops the site from memory (``federated.live_sites``); a resumed run starts from the
