@@ -186,7 +186,7 @@ def _evaluate(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
 def _simulate(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
     from fedmae.data.cohort import load_cohort
     from fedmae.engine.device import resolve_device
-    from fedmae.engine.runs import claim_output_dir
+    from fedmae.engine.runs import claim_output_dir, hold_output_dir
     from fedmae.federated.run_record import RUN_OUTPUTS, check_federated_run, failure, finished_summary
     from fedmae.federated.settings import check_site_count
     from fedmae.federated.simulate import simulate
@@ -199,7 +199,8 @@ def _simulate(cfg: ExperimentConfig, args: argparse.Namespace) -> int:
     check_federated_run(out, cfg, resume=args.resume, force=args.force)
     cohort = load_cohort(cfg)  # check the data (and count the sites) before Flower starts
     check_site_count(cfg, len(cohort.sites))
-    claim_output_dir(out, "federated", cfg, force=args.force, previous_outputs=RUN_OUTPUTS)
+    with hold_output_dir(out):  # --force clears the folder: never under a run still writing into it
+        claim_output_dir(out, "federated", cfg, force=args.force, previous_outputs=RUN_OUTPUTS)
     status = simulate(cfg, len(cohort.sites), out, resume=args.resume)
     result = finished_summary(out)
     if result is None:  # flwr run exits 0 even when the ServerApp raised: fedmae's record decides

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,7 @@ import yaml
 
 from fedmae.engine.runs import MARKER
 from tests.command_line import fedmae, write_config
-from tests.tiny import tiny_raw
+from tests.tiny import tiny_config, tiny_raw
 
 
 LOG_LINE = re.compile(r"\d\d:\d\d:\d\d (DEBUG|INFO|WARNING|ERROR|CRITICAL) ")
@@ -155,6 +157,51 @@ def test_impossible_federation_settings_are_refused_before_flower_starts(tmp_pat
     (user / "notes.txt").write_text("x")
     status, err = run(tmp_path, "simulate", "--config", str(cfg), "--output", str(user))
     assert status == 2 and "not a fedmae run" in err
+
+
+HOLDER = """
+import sys, time
+from pathlib import Path
+from fedmae.engine.runs import hold_output_dir
+held = hold_output_dir(Path(sys.argv[1]), "output-dir")
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_one_run_writes_into_a_folder_at_a_time_and_a_killed_one_lets_go(tmp_path):
+    """A federated run holds its folder while it writes: a second run on it (a resume started
+    while a ServerApp whose SuperLink died is still ending) is refused in one line naming the
+    holder, and writes nothing; `simulate --force` does not clear it. The kernel lets go of the
+    folder when the holder dies, even by SIGKILL; a run that ended lets go too."""
+    from fedmae.engine.runs import OutputError
+    from fedmae.federated.federation import FederatedRun
+
+    cfg_path = one_epoch_config(tmp_path)
+    cfg = tiny_config(pretrain={"epochs": 1, "warmup_epochs": 0}, finetune={"epochs": 1, "warmup_epochs": 0})
+    out = tmp_path / "fed"
+    FederatedRun(None, cfg, out, resume=False).folder.release()  # claimed, as a run that started
+    (out / "rounds.jsonl").write_text("{}\n")
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = snapshot(out)
+        with pytest.raises(OutputError) as refused:
+            FederatedRun(None, cfg, out, resume=True)
+        message = str(refused.value)
+        assert "\n" not in message and message.startswith(f"output-dir {out}: another fedmae run is writing into it")
+        assert f"pid {holder.pid} on " in message
+        status, err = run(tmp_path, "simulate", "--config", str(cfg_path), "--output", str(out), "--force")
+        assert status == 2 and "another fedmae run is writing into it" in err
+        assert snapshot(out) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    FederatedRun(None, cfg, out, resume=True).folder.release()  # free again
+    run_ = FederatedRun(None, cfg, out, resume=True)
+    with pytest.raises(AttributeError):  # no sites: the run fails at once, and lets go of the folder
+        run_.run()
+    FederatedRun(None, cfg, out, resume=True).folder.release()
 
 
 @pytest.mark.parametrize("command, advice", [("compare", "a rerun resumes"), ("pretrain", "with --resume")])

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; one run per folder is then the user's care
+    fcntl = None
 
 import torch
 import yaml
@@ -44,6 +51,7 @@ class RunResult:
 
 
 MARKER = ".fedmae-run.json"  # claims a folder for one run: which command, which experiment
+LOCK = ".fedmae-run.lock"  # held (flock) by the one process writing into the folder; says which
 
 
 class OutputError(ValueError):
@@ -66,11 +74,11 @@ def check_output_dir(output_dir: Path, command: str, cfg: ExperimentConfig, *, h
     if output_dir.exists() and not output_dir.is_dir():
         raise OutputError(f"{option} {output_dir}: is a file, not a folder; choose a folder")
     _check_writable(output_dir, option)
-    if not output_dir.exists() or not any(output_dir.iterdir()) or force:
+    if not output_dir.exists() or not any(p.name != LOCK for p in output_dir.iterdir()) or force:
         return
     claimed = read_marker(output_dir)
     if claimed is None:
-        entries = sorted(p.name for p in output_dir.iterdir())
+        entries = sorted(p.name for p in output_dir.iterdir() if p.name != LOCK)
         raise OutputError(
             f"{option} {output_dir}: the folder is not a fedmae run and is not empty ({len(entries)} entries, e.g. "
             f"{', '.join(entries[:3])}); choose a new or empty folder, or pass --force to write into it"
@@ -97,6 +105,55 @@ def _check_writable(output_dir: Path, option: str) -> None:
         tempfile.TemporaryFile(dir=existing).close()
     except OSError as err:
         raise OutputError(f"{option} {output_dir}: cannot write in {existing} ({err.strerror}); choose another path") from None
+
+
+class HeldFolder:
+    """A run folder locked for this process until :meth:`release` (or the end of a ``with``)."""
+
+    def __init__(self, handle: IO[str] | None):
+        self._handle = handle
+
+    def release(self) -> None:
+        if self._handle is not None:
+            self._handle.close()  # closing the file lets go of the lock
+            self._handle = None
+
+    def __enter__(self) -> HeldFolder:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.release()
+
+
+def hold_output_dir(output_dir: Path, option: str = "--output") -> HeldFolder:
+    """Lock the folder for this process: one run writes into a folder at a time.
+
+    A second run on the folder (a resume started while the first still runs, as a ServerApp may
+    for up to a minute after its SuperLink died) would interleave checkpoints and records, and
+    the first one's exit would mark the second's summary failed. The lock is the kernel's
+    (``flock``, also honoured over NFS), so a run that dies, even by SIGKILL, never leaves the folder
+    locked. Refused in one line naming the process that holds it.
+    """
+    if fcntl is None:
+        return HeldFolder(None)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(output_dir / LOCK, "a+", encoding="utf-8")  # noqa: SIM115 (held until release)
+    except OSError as err:
+        raise OutputError(f"{option} {output_dir}: cannot write ({err.strerror}); choose another path") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise OutputError(f"{option} {output_dir}: another fedmae run is writing into it ({holder}); wait for it to "
+                          "end or stop it, or choose another folder") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n")
+    handle.flush()
+    return HeldFolder(handle)
 
 
 def read_marker(output_dir: Path) -> dict[str, Any] | None:

@@ -97,9 +97,14 @@ class FederatedRun:
 
     def __init__(self, sites: Sites, cfg: ExperimentConfig, out: Path, resume: bool):
         self.sites, self.cfg, self.out, self.resume = sites, cfg, Path(out), resume
+        # First: nothing is written into a folder another run is writing into. Held until run() ends.
+        self.folder = open_federated_run(self.out, cfg, resume=resume, option="output-dir")
         self.checkpoints = GlobalCheckpoints(self.out / "global", cfg)
-        self.tracker = open_tracker(cfg, self.out, "federated", resume=resume)  # the server's: sites never track
-        open_federated_run(self.out, cfg, resume=resume, option="output-dir")
+        try:
+            self.tracker = open_tracker(cfg, self.out, "federated", resume=resume)  # the server's: sites never track
+        except BaseException:
+            self.folder.release()
+            raise
         self.log = TrackedRounds(self.out / "rounds.jsonl", self.tracker, cfg)  # every line also goes to the tracker
         self.site_names: dict[int, str] = {}
         self.site_images: dict[int, int] = {}
@@ -115,6 +120,8 @@ class FederatedRun:
         except BaseException as err:
             write_summary(self.out, self.summary, "failed", error=f"{type(err).__name__}: {err}")
             raise
+        finally:
+            self.folder.release()
         return self.summary
 
     def record_stop(self) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 from fedmae.checkpoint import load_checkpoint
 from fedmae.config import ExperimentConfig
-from fedmae.engine.runs import check_output_dir, check_resume_config, claim_output_dir
+from fedmae.engine.runs import HeldFolder, check_output_dir, check_resume_config, claim_output_dir, hold_output_dir
 from fedmae.files import atomic_write_json
 from fedmae.metrics import finite_or_null
 
@@ -26,10 +26,17 @@ PHASES = ("pretrain", "finetune")
 
 
 def open_federated_run(out: Path, cfg: ExperimentConfig, *, resume: bool, force: bool = False,
-                       option: str = "--output") -> None:
-    """Check the folder (:func:`check_federated_run`), then claim it."""
+                       option: str = "--output") -> HeldFolder:
+    """Check the folder (:func:`check_federated_run`), lock it for this process, then claim it.
+    The run writes into it until it releases the returned lock."""
     check_federated_run(out, cfg, resume=resume, force=force, option=option)
-    claim_output_dir(out, "federated", cfg, force=force, previous_outputs=RUN_OUTPUTS)
+    held = hold_output_dir(out, option)
+    try:
+        claim_output_dir(out, "federated", cfg, force=force, previous_outputs=RUN_OUTPUTS)
+    except BaseException:
+        held.release()
+        raise
+    return held
 
 
 def check_federated_run(out: Path, cfg: ExperimentConfig, *, resume: bool, force: bool = False,

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from fedmae.config import ExperimentConfig, FederatedConfig
-from fedmae.engine.runs import check_output_dir, claim_output_dir, read_marker
+from fedmae.engine.runs import check_output_dir, claim_output_dir, hold_output_dir, read_marker
 from fedmae.federated.run_record import SUMMARY, recorded_status
 from fedmae.federated.settings import APP_DIR, check_site_count
 from fedmae.federated.watchdog import descendants, parent_death_signal, stop_pids
@@ -87,7 +87,8 @@ def simulate(cfg: ExperimentConfig, num_sites: int, output_dir: Path, resume: bo
         check_output_dir(output_dir, "federated", cfg, holds_run=False, resume=True, force=False)
     # Claiming records the resolved experiment as config.yaml: the ServerApp runs that file, and
     # sends it on to every site with its requests, so every process runs exactly ``cfg``.
-    claim_output_dir(output_dir, "federated", cfg)
+    with hold_output_dir(output_dir):  # refused while another run writes into the folder
+        claim_output_dir(output_dir, "federated", cfg)
     experiment = output_dir.absolute() / "config.yaml"
     if not (APP_DIR / "pyproject.toml").is_file():
         raise FileNotFoundError(f"{APP_DIR}: the fedmae app (pyproject.toml) is not here; run from a source checkout")
