@@ -16,6 +16,7 @@ from typing import Any
 from fedmae import __version__
 from fedmae.config import ExperimentConfig, load_config, validate_federated
 from fedmae.metrics import Metrics, main_metric, metrics_table
+from fedmae.process_exit import skip_final_collection
 from fedmae.typed_yaml import ConfigError
 
 log = logging.getLogger("fedmae")
@@ -25,6 +26,7 @@ DEMO_CONFIG = REPO_CONFIGS / "demo.yaml"
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    skip_final_collection()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         if args.command in ("data", "pki", "export"):

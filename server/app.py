@@ -20,9 +20,11 @@ from fedmae.config import ExperimentConfig
 from fedmae.federated.federation import FederatedRun
 from fedmae.federated.flower_logging import log_through_flower
 from fedmae.federated.settings import experiment_config, output_dir
+from fedmae.process_exit import skip_final_collection
 from server.grid_sites import GridSites
 
 app = ServerApp()
+skip_final_collection()  # the ServerApp's process exits without the last garbage collection
 
 
 @app.main()

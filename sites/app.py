@@ -26,9 +26,12 @@ from fedmae.federated.flower_logging import log_through_flower
 from fedmae.federated.site import SiteStateError
 from fedmae.federated.site_run import SiteRun, site_run
 from fedmae.federated.updates import TENSOR_NAMES, received_model
+from fedmae.process_exit import skip_final_collection
 
 app = ClientApp()
 log = logging.getLogger("fedmae.site")
+# Flower starts a ClientApp process for every message a deployed site gets: exit it quickly.
+skip_final_collection()
 
 
 def _site(context: Context, request: dict[str, Any]) -> SiteRun:

@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from fedmae.process_exit import skip_final_collection
+
 log = logging.getLogger(__name__)
 
 MAX_AUTO_WORKERS = 8
@@ -129,6 +131,7 @@ def _stop_workers(pool: ProcessPoolExecutor) -> None:
 def _start_worker(threads: int, gpu_queue, log_level: int) -> None:
     """A worker's share of the machine: ``threads`` PyTorch threads (its Flower sites inherit
     the same through OMP_NUM_THREADS) and one GPU (or a share of one)."""
+    skip_final_collection()
     gpu = gpu_queue.get()
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
     if gpu is not None:

@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 STARTUP_TIMEOUT = 60.0
 POLL_SECONDS = 0.2  # how often the run's record is looked at while Flower runs it
 LAST_LINES_SECONDS = 1.0  # after the run ended, for Flower's log stream to deliver its last lines
+STOP_GRACE_SECONDS = 15.0  # SIGTERM to SIGKILL, for Flower's processes to shut down cleanly
+ENDED_GRACE_SECONDS = 1.0  # the same, once the run recorded its end (the sites' actors exit in ~0.2 s)
 
 
 def client_resources(num_sites: int, cpus: int | None = None, fed: FederatedConfig | None = None,
@@ -117,7 +119,7 @@ def simulate(cfg: ExperimentConfig, num_sites: int, output_dir: Path, resume: bo
          "--database", ":flwr-in-memory:"],
         env=env, stdout=superlink_log, stderr=subprocess.STDOUT, start_new_session=True,
     )
-    watchdog = None
+    watchdog, ended = None, False
     try:
         # The finally below does not run if this process is killed (SIGKILL, the OOM killer), and
         # the SuperLink's tree lives in other sessions: the watchdog stops it then (watchdog.py).
@@ -141,9 +143,14 @@ def simulate(cfg: ExperimentConfig, num_sites: int, output_dir: Path, resume: bo
         # `flwr run` is this process's own child (same session): the kernel ends it with this process.
         flwr_run = subprocess.Popen(command, env=env, stdout=stream, stderr=subprocess.STDOUT if stream else None,
                                     preexec_fn=parent_death_signal())
-        return _wait_for_run(flwr_run, output_dir, started)
+        status = _wait_for_run(flwr_run, output_dir, started)
+        ended = _recorded_end(output_dir, started)
+        return status
     finally:
-        stop_process_tree(superlink)
+        # A run that recorded its end left nothing in Flower's tree that it needs: Ray's own
+        # graceful shut-down (its GCS takes ~2 s on SIGTERM here) is not waited for. Otherwise
+        # (interrupted, failed before its record) each process gets the full grace to clean up.
+        stop_process_tree(superlink, grace=ENDED_GRACE_SECONDS if ended else STOP_GRACE_SECONDS)
         superlink_log.close()
         shutil.rmtree(home, ignore_errors=True)
         if watchdog is not None:  # last: a kill during the cleanup above is still covered
@@ -217,16 +224,17 @@ def _wait_until_healthy(process: subprocess.Popen, port: int, log_file: Path) ->
     raise RuntimeError(f"the Flower SuperLink did not start within {STARTUP_TIMEOUT:.0f} s; see {log_file}")
 
 
-def stop_process_tree(process: subprocess.Popen, also: set[int] | frozenset[int] = frozenset()) -> None:
+def stop_process_tree(process: subprocess.Popen, also: set[int] | frozenset[int] = frozenset(),
+                      grace: float = STOP_GRACE_SECONDS) -> None:
     """Stop a Flower process and everything it started: SuperExec, the simulation process, Ray.
 
     The simulation process is started in a session of its own, so signalling the SuperLink's
     process group does not reach it: the whole process tree is collected first (after the
     SuperLink dies its children are re-parented and can no longer be found), then terminated,
     then killed if still alive. ``also``: pids seen in the tree earlier (children of a process
-    that has already exited are no longer in its tree).
+    that has already exited are no longer in its tree). ``grace``: seconds between SIGTERM and SIGKILL.
     """
-    stop_pids([process.pid, *descendants(process.pid), *also])
+    stop_pids([process.pid, *descendants(process.pid), *also], grace=grace)
     try:
         process.wait(timeout=5.0)
     except subprocess.TimeoutExpired:

@@ -96,9 +96,12 @@ def stop_pids(pids: list[int], grace: float = 15.0) -> None:
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline and any(alive(pid) for pid in pids):
         time.sleep(0.2)
-    for pid in pids:
-        if alive(pid):  # only what is still running: a dead pid may have been reused
-            _signal(pid, signal.SIGKILL)
+    killed = [pid for pid in pids if alive(pid)]  # only what is still running: a dead pid may have been reused
+    for pid in killed:
+        _signal(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5.0  # gone (reaped) before this returns, so nothing is seen still running
+    while time.monotonic() < deadline and any(alive(pid) for pid in killed):
+        time.sleep(0.05)
 
 
 def descendants(*roots: int) -> list[int]:
