@@ -8,7 +8,6 @@ from torch import nn
 
 from fedmae.models.classifier import ViTClassifier
 from fedmae.models.mae import MaskedAutoencoder
-from fedmae.models.unetr import UNETR
 from fedmae.models.vit import ViTEncoder
 
 if TYPE_CHECKING:
@@ -49,4 +48,6 @@ def build_finetune_model(cfg: ExperimentConfig, num_outputs: int) -> nn.Module:
     encoder = build_encoder(cfg, drop_path_rate=cfg.finetune.drop_path, learnable_pos_embed=True)
     if cfg.task.type == "classification":
         return ViTClassifier(encoder, num_outputs)
+    from fedmae.models.unetr import UNETR  # imports MONAI (2 s): only segmentation pays for it here
+
     return UNETR(encoder, num_outputs, skip_blocks=cfg.skip_blocks, feature_size=cfg.model.feature_size)
