@@ -1,5 +1,6 @@
 """`fedmae simulate` killed hard (SIGKILL, as the OOM killer does) leaves nothing running: its
-watchdog stops the SuperLink, SuperExec, the simulation process and Ray, and removes FLWR_HOME."""
+watchdog stops the SuperLink, SuperExec, the simulation process and Ray, and removes FLWR_HOME.
+A ServerApp whose starter died ends even when its main thread is blocked."""
 
 from __future__ import annotations
 
@@ -110,3 +111,49 @@ def test_simulate_killed_with_sigkill_leaves_no_process_and_no_flower_home(tmp_p
             except ProcessLookupError:
                 pass
         output.close()
+
+
+# A ServerApp process whose main thread is blocked, as Flower's is on its retry lock while the
+# SuperLink is gone; its parent prints the ServerApp's pid, then sleeps until it is killed.
+BLOCKED_SERVERAPP = """
+import sys, threading
+from pathlib import Path
+from server.app import end_when_orphaned
+
+class Run:
+    def record_stop(self):
+        Path(sys.argv[1]).write_text("stop recorded")
+
+end_when_orphaned(Run(), grace=1.0)
+print("watching", flush=True)
+blocked = threading.Lock()
+blocked.acquire()
+blocked.acquire()
+"""
+STARTER = """
+import subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2]])
+print(child.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_serverapp_whose_starter_died_records_the_stop_and_ends_though_its_main_thread_is_blocked(tmp_path):
+    record = tmp_path / "stopped"
+    starter = subprocess.Popen([sys.executable, "-c", STARTER, BLOCKED_SERVERAPP, str(record)], stdout=subprocess.PIPE,
+                               text=True, cwd=Path(__file__).resolve().parents[2])
+    serverapp = int(starter.stdout.readline())
+    try:
+        assert starter.stdout.readline().strip() == "watching"
+        time.sleep(1.5)
+        assert alive(serverapp) and not record.exists()  # its starter lives: it is left alone
+        starter.kill()
+        starter.wait()
+        deadline = time.monotonic() + 30
+        while alive(serverapp) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not alive(serverapp), "the orphaned ServerApp is still running"
+        assert record.read_text() == "stop recorded"
+    finally:
+        if alive(serverapp):
+            os.kill(serverapp, signal.SIGKILL)
