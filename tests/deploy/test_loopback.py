@@ -1,15 +1,18 @@
 """A real deployment on 127.0.0.1: a SuperLink with TLS and SuperNode authentication, two registered
 sites running the fedmae app, a site with an unregistered key (refused) and a site that does not
 trust the CA (cannot connect). The parts start with the scripts docs/deploy.md tells hospital IT to
-use. Every process is started here and stopped here, whatever happens."""
+use. Every process is started here and stopped here, whatever happens. Also the ServerApp's
+polling for replies, in process."""
 
 from __future__ import annotations
 
 import json
 import time
+from types import SimpleNamespace
 
 import pytest
 import yaml
+from flwr.superlink.grid import HttpGrid
 
 from fedmae.deploy import pki
 from fedmae.federated.settings import APP_DIR
@@ -64,3 +67,37 @@ def test_tls_authenticated_two_site_run_and_both_refusals(tmp_path):
     finally:
         fed.stop()
     assert flower_processes() == before, "a Flower process outlived the deployment test"
+
+
+def test_a_deployed_serverapp_looks_for_replies_every_quarter_second_and_keeps_flowers_timeout(monkeypatch):
+    """Flower's HttpGrid pauses 3 s between looks for replies; the ServerApp's pauses 0.25 s, and
+    otherwise behaves as Flower's: every reply collected, the wait ends at the last reply or at the
+    timeout. A Grid that is not Flower's deployed one (the simulation's) is left as it is."""
+    import server.app as server_app
+
+    class Replies(HttpGrid):
+        def __init__(self, replies_after_looks: dict[str, int]):  # message id -> the look that finds its reply
+            self.after, self.looks = replies_after_looks, 0
+
+        def push_messages(self, messages):
+            return [m.metadata.message_id for m in messages]
+
+        def pull_messages(self, message_ids):
+            self.looks += 1
+            return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i))
+                    for i in message_ids if self.after[i] == self.looks]
+
+    pauses: list[float] = []
+    monkeypatch.setattr(server_app.time, "sleep", pauses.append)
+    messages = [SimpleNamespace(metadata=SimpleNamespace(message_id=i)) for i in ("a", "b")]
+    grid = Replies({"a": 2, "b": 5})
+    server_app.poll_replies_often(grid)
+    replies = grid.send_and_receive(messages, timeout=60)
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["a", "b"]
+    assert grid.looks == 5 and pauses == [0.25] * 4  # no pause after the last reply
+    never = Replies({"a": 99})
+    server_app.poll_replies_often(never)
+    assert never.send_and_receive(messages[:1], timeout=0) == [] and never.looks == 0  # Flower's: no wait at all
+    simulated = SimpleNamespace(send_and_receive="Flower's")
+    server_app.poll_replies_often(simulated)
+    assert simulated.send_and_receive == "Flower's"
