@@ -19,10 +19,10 @@ from tests.command_line import fedmae, flower_processes, write_config
 from tests.tiny import tiny_raw
 
 
-def comparison_config(tmp_path: Path, **compare) -> Path:
+def comparison_config(tmp_path: Path, tracking: dict | None = None, **compare) -> Path:
     raw = tiny_raw(2, data={"num_sites": 2, "cases_per_site": 10}, pretrain={"epochs": 2, "warmup_epochs": 1},
                    finetune={"epochs": 2, "warmup_epochs": 1}, federated={"min_sites": 2, "round_timeout": 300},
-                   compare={"reconstructions": 2, **compare})
+                   compare={"reconstructions": 2, **compare}, **({"tracking": tracking} if tracking else {}))
     return write_config(tmp_path, raw)
 
 
@@ -108,9 +108,12 @@ def check_paired_differences(out: Path, results: dict, seeds: list[int]) -> None
 
 
 @pytest.mark.slow
-def test_compare_runs_every_arm_with_flower_and_writes_the_report(tmp_path, capfd):
+def test_compare_runs_every_arm_with_flower_writes_the_report_and_tracks_it_all_in_one_mlflow_store(tmp_path, capfd):
+    """Every arm, two at a time (one per core), the federated one on Flower; with MLflow tracking,
+    which the arms' worker processes and Flower's ServerApp all write into the comparison's one
+    store. (One comparison for both: each pays a Flower start.)"""
     before = flower_processes()
-    config = comparison_config(tmp_path)
+    config = comparison_config(tmp_path, tracking={"backend": "mlflow"})
     result = fedmae("compare", "--config", str(config), "--output", "cmp", cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = tmp_path / "cmp"
@@ -128,6 +131,35 @@ def test_compare_runs_every_arm_with_flower_and_writes_the_report(tmp_path, capf
     assert re.search(r"seed 0 \| federated \(FedAvg\) \| pre-training round 2/2", result.stderr + capfd.readouterr().err)
     assert "| centralised |" in result.stdout and "report:" in result.stdout
     assert flower_processes() == before, "a Flower or Ray process outlived the comparison"
+    check_tracked_in_mlflow(out, result.stdout, tmp_path)
+
+
+def check_tracked_in_mlflow(out: Path, printed: str, tmp_path: Path) -> None:
+    """Every run of the comparison is in its one MLflow store, finished: each arm's pre-training
+    (the federated arm's is its ServerApp's, which ran in Flower's process) and each site's
+    fine-tuning; and the outcome: each arm's test figure, the table and the figures."""
+    from tests.tracking.reading import artifacts, history, runs_by_name, store
+
+    client = store(out / "mlruns")
+    runs = runs_by_name(client, "tiny2d")
+    sites = ("site-0", "site-1")
+    arms = ("centralised", "federated", "local", "none")
+    assert set(runs) == {"tiny2d/compare", "tiny2d/seed-0/centralised/pretrain", "tiny2d/seed-0/federated/flower",
+                         *(f"tiny2d/seed-0/local/pretrain/{s}" for s in sites),
+                         *(f"tiny2d/seed-0/{arm}/finetune/{s}" for arm in arms for s in sites)}
+    assert {r.info.status for r in runs.values()} == {"FINISHED"}
+    flower = runs["tiny2d/seed-0/federated/flower"].info.run_id
+    assert set(history(client, flower, "pretrain-sites/site-1/update_norm")) == {1, 2}
+    assert [p.relative_to(out) for p in out.rglob("mlflow.db")] == [Path("mlruns/mlflow.db")]  # one store for all
+    summary = json.loads((out / "results.json").read_text())["summary"]
+    outcome = runs["tiny2d/compare"].info.run_id
+    for arm in arms:  # at step 4: the runs summarised (4 arms, 1 seed)
+        assert history(client, outcome, f"compare/{arm}/test_mean_auc") == {
+            4: pytest.approx(summary["arms"][arm]["pooled"]["mean_auc"]["mean"])}
+    assert {"compare/table.md", "compare/reconstructions.png", "compare/pretrain_loss.png",
+            "compare/downstream.png"} <= artifacts(client, outcome)
+    table = Path(client.download_artifacts(outcome, "compare/table.md", str(tmp_path))).read_text()
+    assert "| federated (FedAvg) |" in table and table in printed
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 """Real runs with tracking on, read back with TensorBoard's and MLflow's own readers: the commands'
-epochs, a federated run's rounds (tracked at the server only), and a comparison."""
+epochs, a federated run's rounds (tracked at the server only), and a comparison. A comparison
+with a Flower arm tracked in MLflow is checked in tests/test_compare.py, in its Flower comparison."""
 
 from __future__ import annotations
 
@@ -141,36 +142,6 @@ def test_a_federated_run_with_differential_privacy_tracks_the_privacy_spent_in_m
     assert history(client, logged.info.run_id, "pretrain/epsilon") == {n: pytest.approx(e) for n, e in spent.items()}
     assert set(history(client, logged.info.run_id, "pretrain/clipping_norm")) == {1, 2}
     assert logged.data.tags["fedmae.command"] == "federated" and logged.info.status == "FINISHED"
-
-
-@pytest.mark.slow
-def test_a_comparison_on_flower_tracks_every_run_and_its_outcome_in_one_mlflow_store(tmp_path):
-    raw = tiny_raw(2, data={"num_sites": 2, "cases_per_site": 10}, pretrain={"epochs": 2, "warmup_epochs": 1},
-                   finetune={"epochs": 2, "warmup_epochs": 1}, federated={"min_sites": 2, "round_timeout": 300},
-                   compare={"arms": ["centralised", "federated", "none"], "reconstructions": 2, "parallel": 1},
-                   tracking={"backend": "mlflow"})
-    result = fedmae("compare", "--config", str(write_config(tmp_path, raw)), "--output", "cmp", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = tmp_path / "cmp"
-    client = store(out / "mlruns")
-    runs = runs_by_name(client, "tiny2d")
-    sites = ("site-0", "site-1")
-    assert set(runs) == {"tiny2d/compare", "tiny2d/seed-0/centralised/pretrain", "tiny2d/seed-0/federated/flower",
-                         *(f"tiny2d/seed-0/{arm}/finetune/{s}" for arm in ("centralised", "federated", "none") for s in sites)}
-    assert {r.info.status for r in runs.values()} == {"FINISHED"}
-    # The federated arm's ServerApp ran in Flower's process and tracked into the comparison's store.
-    flower = runs["tiny2d/seed-0/federated/flower"].info.run_id
-    assert set(history(client, flower, "pretrain-sites/site-1/update_norm")) == {1, 2}
-    assert [p.relative_to(out) for p in out.rglob("mlflow.db")] == [Path("mlruns/mlflow.db")]  # one store for all
-    summary = json.loads((out / "results.json").read_text())["summary"]
-    outcome = runs["tiny2d/compare"].info.run_id
-    for arm in ("centralised", "federated", "none"):
-        assert history(client, outcome, f"compare/{arm}/test_mean_auc") == {
-            3: pytest.approx(summary["arms"][arm]["pooled"]["mean_auc"]["mean"])}
-    assert {"compare/table.md", "compare/reconstructions.png", "compare/pretrain_loss.png",
-            "compare/downstream.png"} <= artifacts(client, outcome)
-    table = Path(client.download_artifacts(outcome, "compare/table.md", str(tmp_path))).read_text()
-    assert "| federated (FedAvg) |" in table and table in result.stdout
 
 
 @pytest.mark.slow
