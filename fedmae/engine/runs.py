@@ -129,8 +129,8 @@ def hold_output_dir(output_dir: Path, option: str = "--output") -> HeldFolder:
     """Lock the folder for this process: one run writes into a folder at a time.
 
     A second run on the folder (a resume started while the first still runs, as a ServerApp may
-    for up to a minute after its SuperLink died) would interleave checkpoints and records, and
-    the first one's exit would mark the second's summary failed. The lock is the kernel's
+    for a while after its SuperLink died) would interleave checkpoints and records, and the first
+    one's exit would mark the second's summary failed. The lock is the kernel's
     (``flock``, also honoured over NFS), so a run that dies, even by SIGKILL, never leaves the folder
     locked. Refused in one line naming the process that holds it.
     """
