@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Self
 
 try:
     import fcntl
@@ -118,7 +118,7 @@ class HeldFolder:
             self._handle.close()  # closing the file lets go of the lock
             self._handle = None
 
-    def __enter__(self) -> HeldFolder:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *_: object) -> None:
