@@ -93,15 +93,18 @@ def stop_pids(pids: list[int], grace: float = 15.0) -> None:
     """SIGTERM, up to ``grace`` seconds to exit, then SIGKILL what is still running."""
     for pid in pids:
         _signal(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(alive(pid) for pid in pids):
-        time.sleep(0.2)
+    _wait_gone(pids, grace, every=0.2)
     killed = [pid for pid in pids if alive(pid)]  # only what is still running: a dead pid may have been reused
     for pid in killed:
         _signal(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 5.0  # gone (reaped) before this returns, so nothing is seen still running
-    while time.monotonic() < deadline and any(alive(pid) for pid in killed):
-        time.sleep(0.05)
+    _wait_gone(killed, 5.0, every=0.05)  # gone (reaped) before this returns, so nothing is seen still running
+
+
+def _wait_gone(pids: list[int], seconds: float, every: float) -> None:
+    """Up to ``seconds`` for every one of ``pids`` to have exited."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and any(alive(pid) for pid in pids):
+        time.sleep(every)
 
 
 def descendants(*roots: int) -> list[int]:
